@@ -11,3 +11,18 @@ _cache = tempfile.mkdtemp(prefix="vit_cls_test_cache_")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_cache, "mpl"))
 os.environ.setdefault("KERAS_HOME", os.path.join(_cache, "keras"))
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_cache, "tfds"))
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """The built-in digits job shrunk to seconds: a 1-layer width-32 ViT, 8 devices' worth of batch."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                           representation_size=32, attention_impl="einsum"))
+  config.update(dict(total_steps=12, warmup_steps=2, batch_size=32, eval_batch_size=64, log_every=4,
+                     eval_every=12, checkpoint_every=6, shuffle_buffer=256))
+  return config

@@ -173,7 +173,15 @@ def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
 def restore_checkpoint(mngr, step: int, abstract_state: TrainState) -> TrainState:
   target = {"step": abstract_state.step, "params": abstract_state.params,
             "opt_state": abstract_state.opt_state}
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except ValueError as e:
+    if "do not match" not in str(e) and "shape" not in str(e).lower():
+      raise
+    raise ValueError(
+        f"the checkpoint {mngr.directory}/{step} does not match this config's model or optimizer "
+        f"(its parameter or optimizer-state tree differs): resume with the config it was written with, "
+        f"or start a new workdir (use config.init_from to fine-tune from it).") from None
   s = restored["state"]
   return TrainState(step=s["step"], params=s["params"], opt_state=s["opt_state"])
 
@@ -275,10 +283,13 @@ def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
 
 def initialise_from(state: TrainState, config, logger) -> TrainState:
   """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution."""
-  from vit_cls import checkpoint, convert  # pylint: disable=g-import-not-at-top
-  src_params, _ = checkpoint.restore_params(config.init_from)
-  params, report = convert.convert_for_finetuning(
-      src_params, jax.device_get(state.params), patch_size=tuple(config.model.patch_size))
+  from vit_cls import convert  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
+                     f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
+  params, report = convert.init_from_checkpoint(
+      config.init_from, jax.device_get(state.params), patch_size=tuple(config.model.patch_size),
+      image_size=config.image_size, class_token_position=config.model.class_token_position)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)

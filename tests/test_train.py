@@ -1,0 +1,192 @@
+"""Training: the step's numerics (sharding, accumulation), learning, checkpoints, resume, SIGTERM, NaN."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from vit_cls import optim
+from vit_cls import sharding
+from vit_cls import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _step_fn(config, mesh, num_classes=10):
+  model = train.create_model(config, num_classes)
+  tx, schedule = optim.create_optimizer(config)
+  state, _ = train.init_state(model, tx, config, mesh)
+  fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                 config=config, num_classes=num_classes),
+               in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+               out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  return state, fn
+
+
+def _batch(n, size=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, (n,)).astype(np.int32)}
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                                                       atol=atol), a, b)
+
+
+def test_first_step_has_a_nonzero_learning_rate(tiny_config):
+  schedule = optim.create_learning_rate_schedule(tiny_config)
+  assert float(schedule(0)) > 0
+  assert float(schedule(tiny_config.warmup_steps - 1)) == pytest.approx(tiny_config.learning_rate)
+  assert float(schedule(tiny_config.total_steps)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_weight_decay_skips_biases_layernorm_cls_and_position_embeddings(tiny_config):
+  model = train.create_model(tiny_config, 10)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+  mask = optim.decay_mask(params)
+  assert mask["head"]["kernel"] and mask["embedding"]["kernel"]
+  assert not mask["cls"] and not mask["head"]["bias"]
+  assert not mask["Transformer"]["posembed_input"]["pos_embedding"]
+  assert not mask["Transformer"]["encoder_norm"]["scale"]
+
+
+def test_step_on_8_devices_equals_1_device(tiny_config):
+  assert jax.device_count() == 8
+  tiny_config.model.dropout_rate = 0.1  # dropout keys must not depend on the layout either
+  # SGD: its update is linear in the gradient, so float tolerance means something. (Adam divides by
+  # sqrt(v): for a near-zero gradient, 1e-9 of summation-order noise becomes an update of +-lr.)
+  tiny_config.optimizer = "sgd"
+  batch = _batch(32)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
+    state, fn = _step_fn(tiny_config, mesh)
+    for _ in range(2):
+      state, metrics = fn(state, sharding.global_batch(batch, mesh))
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+  _assert_trees_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-6)
+  assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+
+
+def test_accumulation_equals_one_large_batch(tiny_config):
+  tiny_config.optimizer = "sgd"  # linear in the gradient: see the test above
+  mesh = sharding.create_mesh()
+  batch = _batch(64)
+  out = {}
+  for accum in (1, 4):
+    tiny_config.accum_steps = accum
+    state, fn = _step_fn(tiny_config, mesh)
+    state, metrics = fn(state, sharding.global_batch(batch, mesh))
+    out[accum] = (jax.device_get(state.params), float(metrics["loss"]))
+  _assert_trees_close(out[1][0], out[4][0], rtol=1e-4, atol=1e-6)
+  assert out[1][1] == pytest.approx(out[4][1], rel=1e-5)
+
+
+def _records(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_learns_the_digits(tiny_config, tmp_path):
+  """A real learning check: 300 steps take the loss down and accuracy far above chance (10%)."""
+  tiny_config.model.num_layers = 2
+  tiny_config.update(dict(total_steps=300, warmup_steps=20, log_every=20, eval_every=300,
+                          checkpoint_every=300, learning_rate=3e-3, batch_size=64))
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  losses = [r["loss"] for r in _records(tmp_path, "train")]
+  assert losses[-1] < 0.8 * losses[0]
+  assert final["num_examples"] == 360  # every test example scored, none dropped
+  assert final["accuracy"] > 0.3  # chance is 0.1; this run reaches about 0.45
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+  train.train_and_evaluate(tiny_config, str(tmp_path))  # 12 good steps, checkpoints at 6 and 12
+  ckpt = tmp_path / "checkpoints"
+  assert sorted(os.listdir(ckpt)) == ["12", "6"]
+  # Resume with a learning rate that blows the parameters up: Adam's steps are about lr in size.
+  tiny_config.update(dict(total_steps=24, learning_rate=1e38))
+  with pytest.raises(train.NonFiniteError, match=r"NaN/Inf at step 1[34].*step 12\) is intact"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert sorted(os.listdir(ckpt)) == ["12", "6"]
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  params, _ = checkpoint.restore_params(str(tmp_path))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def _train_cmd(workdir, *overrides):
+  return [sys.executable, os.path.join(REPO, "train.py"), "--config",
+          os.path.join(REPO, "configs", "default.py"), "--workdir", str(workdir),
+          "--config.model.hidden_size=32", "--config.model.mlp_dim=64", "--config.model.num_heads=2",
+          "--config.model.num_layers=1", "--config.model.representation_size=32",
+          "--config.batch_size=32", "--config.eval_batch_size=64", "--config.warmup_steps=2",
+          "--config.shuffle_buffer=256", *overrides]
+
+
+def _final_params(workdir):
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.restore_params(str(workdir))[0]
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end_writes_checkpoints_metrics_and_plot(tmp_path):
+  out = subprocess.run(_train_cmd(tmp_path, "--config.total_steps=10", "--config.log_every=5",
+                                  "--config.eval_every=10", "--config.checkpoint_every=5"),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "step     10/10" in out.stdout and "ETA" in out.stdout and "img/s" in out.stdout
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
+  assert (tmp_path / "curves.png").stat().st_size > 1000
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  evals = _records(tmp_path, "eval")
+  assert evals[-1]["step"] == 10 and evals[-1]["num_examples"] == 360
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_gives_the_uninterrupted_parameters(tmp_path):
+  steps = ["--config.total_steps=40", "--config.checkpoint_every=10", "--config.eval_every=40",
+           "--config.log_every=10", "--config.model.dropout_rate=0.1"]
+  straight = tmp_path / "straight"
+  subprocess.run(_train_cmd(straight, *steps), check=True, capture_output=True, timeout=300)
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_train_cmd(killed, *steps), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "20").exists() and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  resumed = subprocess.run(_train_cmd(killed, *steps), capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from" in resumed.stdout
+  _assert_trees_close(_final_params(straight), _final_params(killed), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(_train_cmd(tmp_path, "--config.total_steps=100000",
+                                     "--config.log_every=5", "--config.checkpoint_every=100000"),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:  # wait until training is really under way
+    if line.startswith("step"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  assert "Preemption requested: checkpoint written at step" in rest
+  steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+  assert len(steps) == 1 and 5 <= steps[0] < 100000
+  meta = json.loads((tmp_path / "checkpoints" / str(steps[0]) / "meta" / "metadata").read_text())
+  assert meta["num_classes"] == 10
