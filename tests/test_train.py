@@ -190,3 +190,27 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_cleanly(tmp_path):
   assert len(steps) == 1 and 5 <= steps[0] < 100000
   meta = json.loads((tmp_path / "checkpoints" / str(steps[0]) / "meta" / "metadata").read_text())
   assert meta["num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_digits_pretrain_then_finetune_at_a_higher_resolution(tiny_config, tmp_path):
+  """The README's two-step path, shortened: MLP head at one resolution, then linear head at twice it."""
+  from configs import finetune_digits  # pylint: disable=g-import-not-at-top
+  tiny_config.model.num_layers = 2
+  tiny_config.update(dict(total_steps=300, warmup_steps=20, log_every=50, eval_every=300,
+                          checkpoint_every=300, learning_rate=3e-3, batch_size=64))
+  pre = train.train_and_evaluate(tiny_config, str(tmp_path / "pre"))
+
+  ft = finetune_digits.get_config()
+  ft.model = tiny_config.model
+  ft.model.representation_size = None
+  ft.update(dict(image_size=2 * tiny_config.image_size, init_from=str(tmp_path / "pre"),
+                 total_steps=100, warmup_steps=10, log_every=50, eval_every=100,
+                 checkpoint_every=100, batch_size=64, eval_batch_size=64, shuffle_buffer=256))
+  final = train.train_and_evaluate(ft, str(tmp_path / "ft"))
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  params, meta = checkpoint.restore_params(str(tmp_path / "ft"))
+  assert "pre_logits" not in params and meta["image_size"] == 2 * tiny_config.image_size
+  grid = (2 * tiny_config.image_size // tiny_config.model.patch_size[0]) ** 2
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape[1] == grid + 1
+  assert final["accuracy"] > 0.3 and final["accuracy"] >= pre["accuracy"] - 0.05

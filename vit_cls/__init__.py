@@ -26,4 +26,10 @@ def load(path, **overrides):
   return checkpoint.load(path, **overrides)
 
 
-__all__ = ["VisionTransformer", "MODEL_VARIANTS", "create_model", "load"]
+def load_nnx(path, **overrides):
+  """The same checkpoint as a Flax NNX module: see `vit_cls.checkpoint.load_nnx`."""
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load_nnx(path, **overrides)
+
+
+__all__ = ["VisionTransformer", "MODEL_VARIANTS", "create_model", "load", "load_nnx"]
