@@ -355,7 +355,7 @@ def restore_params(path: str | os.PathLike) -> tuple[Params, dict | None]:
     raise FileNotFoundError(f"{path}: no such file or directory.")
   if os.path.isfile(path):
     return load_npz(path), None
-  return _restore_orbax(_find_step_dir(path))
+  return _restore_orbax(_find_step_dir(os.path.abspath(path)))  # orbax wants absolute paths
 
 
 # ----------------------------------------------------------------------------------------------------
