@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.eval_batch_size = 128
   config.accum_steps = 1
-  config.fsdp = False  # True: shard parameters + optimizer state over the devices (models too big to replicate)
+  config.fsdp = False  # True: parameters + optimizer state sharded over the devices (too big to replicate)
   config.seed = 0
 
   # Bookkeeping.

@@ -31,7 +31,7 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
       dtype="float32",
       attention_impl="fused",
       fuse_qkv=True,
-      remat=False,
+      remat_policy="none",
   ))
 
 

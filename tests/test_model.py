@@ -213,10 +213,11 @@ def test_bfloat16_forward_within_tolerance_of_float32():
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v16))
 
 
-def test_remat_computes_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("policy", ["block", "dots"])
+def test_remat_computes_the_same_outputs_and_gradients(policy):
   def loss(m, p):
     return jnp.sum(m.apply({"params": p}, images(), train=False) ** 2)
-  m, mr = tiny(num_classes=0), tiny(num_classes=0, remat=True)
+  m, mr = tiny(num_classes=0), tiny(num_classes=0, remat_policy=policy)
   p = m.init(jax.random.key(0), images(), train=False)["params"]
   np.testing.assert_allclose(loss(m, p), loss(mr, p), rtol=1e-6)
   g, gr = jax.grad(lambda p: loss(m, p))(p), jax.grad(lambda p: loss(mr, p))(p)
@@ -267,6 +268,7 @@ def test_appended_class_token_is_the_prepended_one_permuted():
     (dict(pool="mean"), "pool='mean'"),
     (dict(hidden_size=30, num_heads=4), "hidden_size=30"),
     (dict(attention_impl="flash"), "attention_impl"),
+    (dict(remat_policy="all"), "remat_policy"),
     (dict(num_classes=-1), "num_classes"),
     (dict(dropout_rate=1.5), "dropout_rate"),
 ])

@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 import tensorflow_datasets as tfds
 
 from vit_cls import datasets as builtin_datasets  # Registers the offline builders ("digits").
@@ -122,6 +123,38 @@ def check_batch_divisibility(global_batch: int, num_devices: int, num_processes:
     raise ValueError(
         f"config.{name}={global_batch} must be a positive multiple of {need} (it is split over "
         f"{num_processes} process(es) and {num_devices} device(s)); use e.g. {name}={hint}.")
+
+
+TRAIN_CROPS = ("inception", "resize", "none")
+EVAL_CROPS = ("resize", "central_crop", "none")
+
+
+def check_preprocessing(config) -> None:
+  """The ``config.pp`` switches, as one-line ValueErrors before anything is read or compiled.
+
+  The same values are checked again where the graph is built; here they fail in the first second.
+  """
+  def bad(field, value, allowed):
+    raise ValueError(f"config.pp.{field}={value!r} is not allowed: {allowed}.")
+
+  crop = _pp(config, "crop", "inception")
+  if crop not in TRAIN_CROPS:
+    bad("crop", crop, f"choose one of {', '.join(TRAIN_CROPS)}")
+  eval_crop = _pp(config, "eval_crop", "resize")
+  if eval_crop not in EVAL_CROPS:
+    bad("eval_crop", eval_crop, f"choose one of {', '.join(EVAL_CROPS)}")
+  min_area = _pp(config, "crop_min_area", 0.05)
+  if not 0.0 < float(min_area) <= 1.0:
+    bad("crop_min_area", min_area, "a fraction of the area in (0, 1]")
+  fraction = _pp(config, "central_fraction", 0.875)
+  if not 0.0 < float(fraction) <= 1.0:
+    bad("central_fraction", fraction, "a fraction in (0, 1]")
+  pad = _pp(config, "pad_crop", 0)
+  if int(pad) < 0:
+    bad("pad_crop", pad, "0 (off) or a positive number of pixels")
+  value_range = _pp(config, "value_range", (-1.0, 1.0))
+  if len(tuple(value_range)) != 2 or float(value_range[0]) == float(value_range[1]):
+    bad("value_range", value_range, "two different numbers (lo, hi)")
 
 
 def num_steps_per_epoch(config, info: DatasetInfo | None = None,
@@ -209,7 +242,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
 
   ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-  return _as_numpy(ds)
+  return _as_numpy(ds, part.files)
 
 
 def create_eval_iterator(config, *, process_index: int | None = None,
@@ -242,7 +275,7 @@ def create_eval_iterator(config, *, process_index: int | None = None,
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)).repeat()
   ds = ds.concatenate(pad).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-  return _as_numpy(ds)
+  return _as_numpy(ds, part.files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,10 +318,35 @@ def _device_count() -> int:
   return jax.device_count()
 
 
-def _as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+def _as_numpy(ds: tf.data.Dataset, files=None) -> Iterator[dict[str, np.ndarray]]:
   options = tf.data.Options()
   options.deterministic = True  # Parallel map/interleave keep input order: same seed, same data.
-  return iter(ds.with_options(options).as_numpy_iterator())
+  it = iter(ds.with_options(options).as_numpy_iterator())
+  return _naming_bad_images(it, files) if files else it
+
+
+def _naming_bad_images(it, files) -> Iterator[dict[str, np.ndarray]]:
+  """`it`, with an image that fails to decode inside tf.data reported as a ValueError naming its file.
+
+  TensorFlow's own error names no file. The header check of `_FolderSource` catches files that are not
+  images at all; this catches the rest (a truncated JPEG or PNG) by decoding `files` one by one, which
+  costs time only on that error path.
+  """
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError:
+      for path in files:
+        try:
+          tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+          reason = e.message.split("}}")[-1].strip().splitlines()[0] if e.message else type(e).__name__
+          raise ValueError(f"Image folder file {path!r} cannot be decoded ({reason}): remove or "
+                           f"replace it.") from None
+      raise
+    yield batch
 
 
 def _fold(seed: int, *data) -> tf.Tensor:
@@ -314,6 +372,7 @@ class _Part:
   examples: tf.data.Dataset
   num_examples: int
   fetch: Callable[[tf.Tensor], tf.Tensor]
+  files: tuple[str, ...] | None = None  # An image folder's files: a decode error can name the bad one.
 
 
 class _TfdsSource:
@@ -426,6 +485,10 @@ class _FolderSource:
     splits = [_train_split(config), _eval_split(config)]
     found = {s: self._list(s) for s in splits}
     names = sorted({cls for files in found.values() for cls, _ in files})
+    if len(names) < 2:
+      raise ValueError(
+          f"Image folder {self._root!r} has {len(names)} class ({', '.join(names)}): classification "
+          f"needs at least 2 class folders, <split>/<class>/*.jpg|jpeg|png.")
     index = {n: i for i, n in enumerate(names)}
     self._files = {s: ([p for _, p in f], [index[c] for c, _ in f]) for s, f in found.items()}
     self.channels = 3
@@ -434,16 +497,43 @@ class _FolderSource:
         num_eval_examples=len(found[splits[1]]), label_names=names)
 
   def _list(self, split: str) -> list[tuple[str, str]]:
+    """(class, path) of every image of a split, each file's header checked once (while unchanged).
+
+    Errors before training starts: an empty class folder (its label would never occur), a file with an
+    image extension that cannot be read or is not an image. Other files are skipped with a warning;
+    hidden ones (``.DS_Store``, ``.ipynb_checkpoints/``) silently.
+    """
     split_dir = os.path.join(self._root, split)
-    files = []
+    files, skipped, signature = [], [], []
     if os.path.isdir(split_dir):
+      signature.append(os.stat(split_dir).st_mtime_ns)
       for cls in sorted(os.listdir(split_dir)):
         cls_dir = os.path.join(split_dir, cls)
-        if not os.path.isdir(cls_dir):
+        if cls.startswith(".") or not os.path.isdir(cls_dir):
           continue
-        for dirpath, _, filenames in os.walk(cls_dir):
-          files += [(cls, os.path.join(dirpath, f)) for f in filenames
-                    if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(cls_dir):
+          dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+          signature.append((dirpath, os.stat(dirpath).st_mtime_ns))
+          for f in filenames:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+              found.append((cls, os.path.join(dirpath, f)))
+            elif not f.startswith("."):
+              skipped.append(os.path.join(dirpath, f))
+        if not found:
+          raise ValueError(
+              f"Image folder class {cls_dir!r} has no images (*.jpg|jpeg|png): add images or remove "
+              f"the folder (an empty class gets a label that never occurs).")
+        files += found
+    if files and _CHECKED_FOLDERS.get(split_dir) != signature:
+      if skipped:
+        logging.warning("Image folder %r: skipping %d file(s) that are not .jpg/.jpeg/.png, e.g. %s",
+                        split_dir, len(skipped), ", ".join(repr(p) for p in skipped[:3]))
+      bad = [(p, why) for p, why in ((p, _not_an_image(p)) for _, p in files) if why]
+      if bad:
+        more = f" (and {len(bad) - 1} more such files)" if len(bad) > 1 else ""
+        raise ValueError(f"Image folder file {bad[0][0]!r} {bad[0][1]}{more}: remove or replace it.")
+      _CHECKED_FOLDERS[split_dir] = signature
     if not files:
       raise DatasetNotReadyError(
           f"Image folder split {split_dir!r} has no images: expected "
@@ -467,7 +557,27 @@ class _FolderSource:
     ds = tf.data.Dataset.from_tensor_slices(
         {"image": tf.constant(paths[start:stop], tf.string),
          "label": tf.constant(labels[start:stop], tf.int64)})
-    return _Part(ds, stop - start, fetch=tf.io.read_file)
+    return _Part(ds, stop - start, fetch=tf.io.read_file, files=tuple(paths[start:stop]))
+
+
+# split dir -> the directory mtimes it had when every file's header passed: evaluation builds a new
+# source each time, and a large folder need not be re-read while nothing in it changed.
+_CHECKED_FOLDERS: dict[str, list] = {}
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def _not_an_image(path: str) -> str | None:
+  """Why `path` cannot be an image that tf.io.decode_image reads, from its first bytes; None if it can."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    return f"cannot be read ({e.strerror})"
+  if not head:
+    return "is empty (0 bytes)"
+  if not head.startswith(_IMAGE_MAGIC):
+    return f"is not a JPEG, PNG, GIF or BMP image (it starts with {head!r})"
+  return None
 
 
 def _even_slice(n: int, index: int, count: int) -> tuple[int, int]:

@@ -34,7 +34,18 @@ class MetricsLogger:
     self._tb = None
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+    path = os.path.join(workdir, METRICS_FILE)
+    # A run killed (or out of disk) mid-write left a partial last line: end it, or the next record
+    # would be glued onto it and lost too.
+    if os.path.exists(path) and os.path.getsize(path):
+      with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        torn = f.read(1) != b"\n"
+    else:
+      torn = False
+    self._jsonl = open(path, "a", encoding="utf-8")
+    if torn:
+      self._jsonl.write("\n")
     try:
       from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
       self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -78,9 +89,11 @@ def read_metrics(workdir: str) -> list[dict]:
   latest = {}
   with open(path, encoding="utf-8") as f:
     for line in f:
-      if line.strip():
+      try:
         r = json.loads(line)
-        latest[(r["split"], r["step"])] = r
+      except ValueError:
+        continue  # blank, or the partial line of a run that was killed mid-write
+      latest[(r["split"], r["step"])] = r
   return sorted(latest.values(), key=lambda r: (r["split"], r["step"]))
 
 

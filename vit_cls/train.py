@@ -1,7 +1,8 @@
 """Training and evaluation: one jit-compiled step over a mesh of every device, orbax checkpoints, resume.
 
 `train_and_evaluate(config, workdir)` is the whole job. The step is data-parallel: the global batch is
-split along the mesh's `data` axis, parameters and optimizer state are replicated, buffers are donated.
+split along the mesh's `data` axis, parameters and optimizer state are replicated (or, with `config.fsdp`,
+sharded along the same axis), buffers are donated. Every process of a multi-host job runs this same code.
 Everything a step needs from randomness derives from (config.seed, step), and the input pipeline can start
 at any step, so a run that is killed and resumed ends with the parameters of a run that never stopped.
 """
@@ -29,6 +30,12 @@ from vit_cls import sharding
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
+# Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder (one atomic rename, so a
+# kill never leaves a half-deleted step that looks like a checkpoint) and save_checkpoint empties it.
+TRASH_DIR = "trash"
+# A step that does not read back whole is renamed to "<step>" + this suffix: orbax lists only all-digit
+# names, so it is never taken for a checkpoint again, and the files stay for a post-mortem.
+DAMAGED_SUFFIX = ".damaged"
 # Fields of config.model that describe the checkpoint, not the architecture.
 _NON_ARCHITECTURE_FIELDS = ("name",)
 
@@ -42,6 +49,14 @@ class TrainState:
 
 class NonFiniteError(FloatingPointError):
   """The loss or the gradients became NaN or Inf: the run stops without saving."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or no checkpoint in the workdir reads back whole.
+
+  The message names the step directory and the way out. Raised instead of training from a state that
+  was only partly read, and instead of silently starting over.
+  """
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,9 +164,21 @@ def create_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
       max_to_keep=config.get("keep_checkpoints", 3), create=True,
       # Saves block until committed: a kill can only ever lose the save in flight, which orbax writes to
       # a temporary directory and renames when complete.
-      enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options, item_names=("state", "meta"))
+      enable_async_checkpointing=False,
+      # What a killed save left behind (`<step>.orbax-checkpoint-tmp`) goes at the next start.
+      cleanup_tmp_directories=True,
+      # Old steps leave by one rename into the trash instead of a file-by-file delete, so a kill during
+      # garbage collection cannot leave a half-deleted step that still looks like a checkpoint.
+      todelete_subdir=TRASH_DIR)
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  _empty_trash(directory)  # a kill between a step's removal and the emptying left it there
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+
+def _empty_trash(directory: str) -> None:
+  if jax.process_index() == 0:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(os.path.join(str(directory), TRASH_DIR), ignore_errors=True)
 
 
 def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
@@ -162,28 +189,165 @@ def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
 
 
 def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
+  """Writes `state` as step `state.step`; returns once it is committed.
+
+  Orbax writes into `<step>.orbax-checkpoint-tmp`, renames it when complete and removes old steps only
+  after that, so a kill or a full disk at any moment leaves the earlier checkpoints as they were. A failed
+  write stops the run with a CheckpointError saying which step is still good: carrying on would only
+  pile up steps that cannot be saved either.
+  """
   step = int(jax.device_get(state.step))
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"step": state.step, "params": state.params,
-                                   "opt_state": state.opt_state}),
-      meta=ocp.args.JsonSave(meta)), force=True)
-  mngr.wait_until_finished()
+  previous = mngr.latest_step()
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"step": state.step, "params": state.params,
+                                     "opt_state": state.opt_state}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError from Python writes, ValueError from tensorstore's: all mean this save did not happen.
+    kept = f"step {previous} in {mngr.directory} is intact" if previous is not None else "none was written yet"
+    raise CheckpointError(
+        f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
+        f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.") from e
+  _empty_trash(mngr.directory)
+
+
+def _reason(e: BaseException, limit: int = 240) -> str:
+  """An exception as one short line: orbax and tensorstore errors run to many lines of context."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  if isinstance(e, OSError) and e.strerror:
+    text = e.strerror + (f": {e.filename}" if e.filename else "")
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _stored_state_tree(step_dir: str):
+  """The saved `state` tree of a step as ShapeDtypeStructs, from its metadata file (no array is read)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  handler = ocp.PyTreeCheckpointHandler()
+  tree = handler.metadata(epath.Path(step_dir) / "state")
+  # Closed on success only (see checkpoint._restore_orbax): after a failed read, close() makes
+  # tensorstore's pending callbacks print tracebacks that would bury the one-line message.
+  handler.close()
+  tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise ValueError("its state has no 'params' entry")
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def check_checkpoint_matches(step_dir: str, abstract_state: TrainState) -> None:
+  """ValueError unless the step was written for this config's model and optimizer.
+
+  Read from the metadata before any array: a checkpoint of another model shape is refused with the
+  first differing parameter's name and both shapes (not damage: no fallback to an older step, which the
+  same run wrote). Optimizer states have no stable names across optax versions, so they are compared
+  by their arrays' shapes.
+  """
+  from vit_cls import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    stored = _stored_state_tree(step_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _DamagedCheckpoint(f"reading its state: {_reason(e)}") from e
+  ckpt_lib.check_param_shapes(
+      stored["params"], abstract_state.params, got_from=f"checkpoint {step_dir}",
+      want_from="model of this config",
+      hint="resume with the config it was written with, or use a new workdir (config.init_from "
+           "fine-tunes from this checkpoint)")
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+  got, want = shapes(stored.get("opt_state", {})), shapes(abstract_state.opt_state)
+  if got != want:
+    raise ValueError(
+        f"checkpoint {step_dir} holds another optimizer's state ({len(got)} arrays; config.optimizer "
+        f"has {len(want)}): resume with the optimizer it was written with, or use a new workdir "
+        f"(config.init_from fine-tunes from this checkpoint).")
 
 
 def restore_checkpoint(mngr, step: int, abstract_state: TrainState) -> TrainState:
+  """Step `step`, read whole into `abstract_state`'s shapes and shardings.
+
+  A ValueError from `check_checkpoint_matches` means another model or optimizer; any other exception
+  means the step does not read back (truncated, corrupted or missing files): `restore_latest` treats
+  that as damage.
+  """
+  check_checkpoint_matches(os.path.join(str(mngr.directory), str(step)), abstract_state)
   target = {"step": abstract_state.step, "params": abstract_state.params,
             "opt_state": abstract_state.opt_state}
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    # `meta` too: a step whose meta cannot be read is incomplete (predict and load need it).
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except ValueError as e:
-    if "do not match" not in str(e) and "shape" not in str(e).lower():
-      raise
-    raise ValueError(
-        f"the checkpoint {mngr.directory}/{step} does not match this config's model or optimizer "
-        f"(its parameter or optimizer-state tree differs): resume with the config it was written with, "
-        f"or start a new workdir (use config.init_from to fine-tune from it).") from None
+    raise _DamagedCheckpoint(_reason(e)) from e
   s = restored["state"]
   return TrainState(step=s["step"], params=s["params"], opt_state=s["opt_state"])
+
+
+class _DamagedCheckpoint(Exception):
+  """A step that does not read back whole (kept apart from ValueError, which means a config mismatch)."""
+
+
+# tensorstore status codes that say "try again", not "these bytes are bad": never grounds to move a step.
+_TRANSIENT = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED")
+
+
+def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState | None:
+  """The newest checkpoint that reads back whole, or None when the workdir has none.
+
+  A step that fails to read (truncated or corrupted files, a missing item) is damaged: the run says which
+  and why, and falls back to the previous step; once one reads, the damaged ones are renamed to
+  `<step>.damaged` so that they are never taken for checkpoints again and their step numbers can be
+  written anew. With `config.strict_checkpoints` it stops at the first damaged step instead and renames
+  nothing, as it does when no step is readable: a CheckpointError, never a silent start from scratch.
+  A step written for another model is a ValueError naming the parameter and both shapes.
+  Multi-process runs are always strict: falling back needs every process to agree on the step.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  multi_process = jax.process_count() > 1
+  strict = bool(config.get("strict_checkpoints", False)) or multi_process
+  damaged = []
+  for i, step in enumerate(steps):
+    where = os.path.join(str(mngr.directory), str(step))
+    try:
+      state = restore_checkpoint(mngr, step, abstract_state)
+    except ValueError:
+      raise  # another model or optimizer: not damage
+    except (MemoryError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e) if isinstance(e, _DamagedCheckpoint) else _reason(e)
+      if any(code in reason for code in _TRANSIENT):
+        raise
+      earlier = steps[i + 1] if i + 1 < len(steps) else None
+      if strict:
+        way_out = ("move it aside to start from scratch" if earlier is None else
+                   f"move it aside to resume from step {earlier}" + (
+                       "" if multi_process else ", or set config.strict_checkpoints=False to do "
+                                                "that automatically"))
+        raise CheckpointError(
+            f"checkpoint {where} is damaged ({reason}); "
+            f"{'a multi-process run' if multi_process else 'strict checkpoints'}: stopping without "
+            f"training: {way_out}.") from None
+      if earlier is None:
+        raise CheckpointError(
+            f"checkpoint {where} is damaged ({reason}) and no earlier checkpoint reads back "
+            f"({', '.join(str(s) for s in steps[:i]) or 'none'} damaged too): stopping without training; "
+            f"move {mngr.directory} aside to start from scratch.") from None
+      log(f"checkpoint {where} is damaged ({reason}); falling back to {mngr.directory}/{earlier}.")
+      damaged.append(step)
+      continue
+    if damaged:
+      for bad in damaged:
+        src = os.path.join(str(mngr.directory), str(bad))
+        dst, n = src + DAMAGED_SUFFIX, 1
+        while os.path.exists(dst):
+          n += 1
+          dst = f"{src}{DAMAGED_SUFFIX}.{n}"
+        os.rename(src, dst)
+        log(f"moved the damaged checkpoint {src} to {dst}.")
+      mngr.reload()
+    return state
+  return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,6 +360,12 @@ def validate_config(config) -> None:
     value = config.get(field) if "." not in field else None
     raise ValueError(f"config.{field}={value!r} is not allowed: {allowed}.")
 
+  # A config file that lacks a field would otherwise fail with an AttributeError wherever it is first read.
+  missing = [f for f in ("dataset", "image_size", "model", "optimizer", "learning_rate", "decay_type",
+                         "warmup_steps", "total_steps", "batch_size", "seed") if f not in config]
+  if missing:
+    raise ValueError(f"the config has no field {', '.join(missing)}: add it (configs/default.py sets "
+                     f"every field, with comments).")
   if config.optimizer not in optim.OPTIMIZERS:
     bad("optimizer", f"choose one of {', '.join(optim.OPTIMIZERS)}")
   if config.decay_type not in optim.DECAY_TYPES:
@@ -210,16 +380,30 @@ def validate_config(config) -> None:
     bad("learning_rate", "a positive number")
   if not 0.0 <= config.get("label_smoothing", 0.0) < 1.0:
     bad("label_smoothing", "a value in [0, 1)")
+  keep = config.get("keep_checkpoints", 3)
+  if keep is not None and int(keep) < 1:
+    bad("keep_checkpoints", "None (keep all) or a positive integer (2 or more leaves a fallback "
+                            "when the newest is damaged)")
+  if not isinstance(config.get("strict_checkpoints", False), bool):
+    bad("strict_checkpoints", "True or False")
+  if not isinstance(config.image_size, int) or config.image_size < 1:
+    bad("image_size", "a positive integer")
+  input_pipeline.check_preprocessing(config)
   patch = tuple(config.model.patch_size)
   if config.image_size % patch[0] or config.image_size % patch[1]:
     raise ValueError(f"config.image_size={config.image_size} is not divisible by "
                      f"config.model.patch_size={patch}: use a multiple of the patch size.")
-  create_model(config, num_classes=1)  # the architecture fields check themselves
+  try:
+    create_model(config, num_classes=1)  # the architecture fields check themselves
+  except (ValueError, TypeError) as e:
+    # VisionTransformer names its own field; the user writes config.model.<field>.
+    raise ValueError(str(e).replace("VisionTransformer.", "config.model.")) from None
   n_dev, n_proc = jax.device_count(), jax.process_count()
   input_pipeline.check_batch_divisibility(config.batch_size, n_dev, n_proc, "batch_size")
-  input_pipeline.check_batch_divisibility(config.eval_batch_size, n_dev, n_proc, "eval_batch_size")
+  input_pipeline.check_batch_divisibility(config.get("eval_batch_size") or config.batch_size, n_dev,
+                                          n_proc, "eval_batch_size")
   per_device = config.batch_size // n_dev
-  if per_device % config.accum_steps:
+  if per_device % config.get("accum_steps", 1):
     raise ValueError(f"config.accum_steps={config.accum_steps} does not divide the per-device batch "
                      f"{per_device} (batch_size={config.batch_size} over {n_dev} devices): choose a "
                      f"divisor of {per_device}.")
@@ -232,8 +416,16 @@ def prepare_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ValueError(f"workdir {workdir!r} cannot be created ({e.strerror}): pass a writable path.") from None
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f"workdir {workdir!r} is not writable: pass a writable directory.")
+  # A real write, not os.access: root passes os.access everywhere, and a full or read-only disk should
+  # fail here, in a second, not at the first checkpoint.
+  import tempfile  # pylint: disable=g-import-not-at-top
+  try:
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write_test")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}): pass a writable "
+                     f"directory.") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,8 +440,15 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
-    if threading_is_main():
+    # Multi-process: SIGTERM stays with JAX's preemption sync manager (started by
+    # jax.distributed.initialize). It tells every process and picks one step for all, which
+    # `mngr.reached_preemption(step)` reports; a per-process flag would make the host that got the
+    # signal save and leave alone while the others wait in the next collective.
+    if threading_is_main() and jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+      # train.py installs a latch (a handler with a `received` flag) before its imports: a SIGTERM that
+      # came during startup (restore, compile) is honoured at the first step instead of being lost.
+      self.requested = bool(getattr(self._previous, "received", False))
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
@@ -266,7 +465,12 @@ def threading_is_main() -> bool:
 
 
 def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
-  """Initial (replicated) state, and its abstract twin for checkpoint restores."""
+  """Initial state, and its abstract twin (shapes and shardings) for checkpoint restores.
+
+  Replicated, or with `config.fsdp` sharded along the data axis (`sharding.state_shardings`). The state
+  is created in its layout by the jitted init, never whole on one device: a model that fits only sharded
+  can start.
+  """
   size = config.image_size
 
   def init():
@@ -274,10 +478,11 @@ def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
     params = params["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  repl = sharding.replicated(mesh)
   abstract = jax.eval_shape(init)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
-  state = jax.jit(init, out_shardings=repl)()
+  shardings = sharding.state_shardings(abstract, mesh, fsdp=config.get("fsdp", False))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  state = jax.jit(init, out_shardings=shardings)()
   return state, abstract
 
 
@@ -288,11 +493,36 @@ def initialise_from(state: TrainState, config, logger) -> TrainState:
     raise ValueError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
                      f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
   params, report = convert.init_from_checkpoint(
-      config.init_from, jax.device_get(state.params), patch_size=tuple(config.model.patch_size),
+      config.init_from, sharding.to_host(state.params), patch_size=tuple(config.model.patch_size),
       image_size=config.image_size, class_token_position=config.model.class_token_position)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)
+
+
+def check_init_from(config, model) -> None:
+  """`config.init_from` exists and converts to this model: checked on shapes, before anything compiles.
+
+  The conversion runs against zero-strided stand-ins for the model's parameters (no memory, no init),
+  so a checkpoint of another architecture fails here with the parameter's name and both shapes. It
+  reads the source once more than training needs (`initialise_from` converts it again, into the real
+  start): seconds of I/O for the largest checkpoints, against a compile and a traceback.
+  """
+  from vit_cls import convert  # pylint: disable=g-import-not-at-top
+  path = config.init_from
+  if not os.path.exists(path):
+    raise ValueError(f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory "
+                     f"(a workdir, its checkpoints/ or one step) or a .npz file.")
+  size = config.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                             train=False))["params"]
+  stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), shapes)
+  try:
+    convert.init_from_checkpoint(path, stand_ins, patch_size=tuple(config.model.patch_size),
+                                 image_size=config.image_size,
+                                 class_token_position=config.model.class_token_position)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"config.init_from={path!r} cannot initialise this model: {e}") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -305,30 +535,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config)
   prepare_workdir(workdir)
   info = input_pipeline.get_dataset_info(config)
+  input_pipeline.num_steps_per_epoch(config, info)  # a batch larger than the train split fails here
   is_chief = jax.process_index() == 0
   logger = metrics_log.MetricsLogger(workdir, config.total_steps, enabled=is_chief)
   mesh = sharding.create_mesh()
   model = create_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config)
+  mngr = create_checkpoint_manager(workdir, config)
+  if config.get("init_from") and mngr.latest_step() is None:
+    check_init_from(config, model)  # before the first compile
   state, abstract_state = init_state(model, tx, config, mesh)
   meta = checkpoint_meta(config, info)
 
-  mngr = create_checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:
-    state = restore_checkpoint(mngr, latest, abstract_state)
-    logger.info(f"Resumed from {mngr.directory}/{latest}.")
+  restored = restore_latest(mngr, abstract_state, config, logger.info)
+  if restored is not None:
+    state = restored
+    logger.info(f"Resumed from {mngr.directory}/{int(jax.device_get(state.step))}.")
   elif config.get("init_from"):
     state = initialise_from(state, config, logger)
   start_step = int(jax.device_get(state.step))
 
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
+  # fsdp: activations pinned to the batch layout, so XLA gathers weights (ZeRO-3), not activations.
+  step_model = sharding.BatchShardedModel(model, mesh) if config.get("fsdp", False) else model
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+      functools.partial(train_step, model=step_model, tx=tx, schedule=schedule, config=config,
                         num_classes=info.num_classes),
-      in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
-                    in_shardings=(repl, batch_sh), out_shardings=repl)
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model=step_model, num_classes=info.num_classes),
+                    in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
 
   logger.info(f"Training {config.model.get('name', 'ViT')} on {config.dataset}: "
               f"{info.num_train_examples} train / {info.num_eval_examples} eval examples, "

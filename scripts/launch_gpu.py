@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Runs vit_cls's train.py on several GPU hosts: one process per host, JAX's multi-controller runtime.
+
+    python scripts/launch_gpu.py --hosts=gpu-0,gpu-1 --repo_dir=/shared/vit_cls --dry-run -- \
+        --config=configs/pretrain_imagenet.py:L/16,imagenet2012 --workdir=/shared/runs/l16 \
+        --config.fsdp=True
+
+Everything after `--` goes to train.py unchanged; the launcher adds --coordinator_address (the first
+host, --port), --num_processes and --process_id, which make train.py call `jax.distributed.initialize`.
+Each process drives every GPU of its host, builds the same mesh over all GPUs of all hosts, reads its own
+part of the data; only process 0 prints progress and writes TensorBoard. --dry-run prints the exact
+commands and runs none.
+
+Needs: passwordless ssh to every host (`localhost`/`127.0.0.1` runs locally, no ssh), this checkout at
+--repo_dir on every host with its requirements installed, and a --workdir every host sees at the same
+path (NFS, Lustre, a gcsfuse mount): orbax writes one checkpoint from all processes into it.
+
+Stopping and preemption: on SIGTERM or Ctrl-C the launcher sends SIGTERM to every remote train.py (by
+the process id each one reports first); JAX's preemption sync then has all processes save the same step
+and exit, and running the same command again resumes from it. A cluster scheduler that signals the
+processes itself (Slurm) needs no launcher: see docs/scale_out.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+LOCAL = ("localhost", "127.0.0.1")
+PID_PREFIX = "vit_cls pid "
+
+
+def parse(argv):
+  if "--" in argv:
+    i = argv.index("--")
+    argv, train_args = argv[:i], argv[i + 1:]
+  else:
+    train_args = []
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--hosts", required=True, help="comma-separated hosts; the first runs the coordinator")
+  p.add_argument("--coordinator", default=None,
+                 help="address the others reach process 0 at (default: the first host's name)")
+  p.add_argument("--port", type=int, default=12355, help="coordinator port (free on the first host)")
+  p.add_argument("--repo_dir", default="~/vit_cls", help="this checkout's path on every host")
+  p.add_argument("--python", default="python3", help="interpreter on the hosts (e.g. a venv's)")
+  p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                 help="environment for train.py on every host (repeatable)")
+  p.add_argument("--ssh", default="ssh", help="ssh command (e.g. 'ssh -i key -l user')")
+  p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                 help="print the commands that would run, run none")
+  args = p.parse_args(argv)
+  args.hosts = [h for h in args.hosts.split(",") if h]
+  if not any(a.startswith("--workdir") for a in train_args) or not any(
+      a.startswith("--config") and not a.startswith("--config.") for a in train_args):
+    p.error("pass train.py's --config and --workdir after `--` (a workdir every host shares)")
+  if any(a.split("=")[0] in ("--coordinator_address", "--num_processes", "--process_id")
+         for a in train_args):
+    p.error("the launcher sets --coordinator_address/--num_processes/--process_id itself")
+  for e in args.env:
+    if "=" not in e:
+      p.error(f"--env {e!r}: expected NAME=VALUE")
+  return args, train_args
+
+
+def commands(args, train_args) -> list[list[str]]:
+  """One argv per host: ssh (or a local shell) running train.py as process i of len(hosts)."""
+  coordinator = f"{args.coordinator or args.hosts[0]}:{args.port}"
+  out = []
+  for i, host in enumerate(args.hosts):
+    train = [*(["env", *args.env] if args.env else []), args.python, "train.py",
+             f"--coordinator_address={coordinator}", f"--num_processes={len(args.hosts)}",
+             f"--process_id={i}", *train_args]
+    # `exec` keeps the shell's pid, reported first, so that SIGTERM can reach train.py itself.
+    remote = f"cd {args.repo_dir} && echo {PID_PREFIX}$$ && exec {shlex.join(train)}"
+    if host in LOCAL:
+      out.append(["bash", "-c", remote])
+    else:
+      out.append([*shlex.split(args.ssh), "-o", "BatchMode=yes", host, remote])
+  return out
+
+
+def stop_command(args, host: str, pid: int) -> list[str]:
+  if host in LOCAL:
+    return ["kill", "-TERM", str(pid)]
+  return [*shlex.split(args.ssh), "-o", "BatchMode=yes", host, f"kill -TERM {pid}"]
+
+
+def main(argv=None) -> int:
+  args, train_args = parse(sys.argv[1:] if argv is None else argv)
+  cmds = commands(args, train_args)
+  if args.dry_run:
+    for i, cmd in enumerate(cmds):
+      print(f"# process {i} of {len(cmds)}, on {args.hosts[i]} (all start at once)")
+      print(shlex.join(cmd))
+    print(f"# on SIGTERM/Ctrl-C, for each host: {shlex.join(stop_command(args, args.hosts[-1], 1234))}"
+          f" (1234: the pid the host printed as '{PID_PREFIX}...')")
+    return 0
+
+  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1) for c in cmds]
+  pids: dict[int, int] = {}
+
+  def pump(i, proc):
+    for line in proc.stdout:
+      if line.startswith(PID_PREFIX) and i not in pids:
+        pids[i] = int(line[len(PID_PREFIX):])
+        continue
+      sys.stdout.write(line if i == 0 else f"[{args.hosts[i]}] {line}")
+      sys.stdout.flush()
+
+  threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+  for t in threads:
+    t.start()
+
+  def forward(signum, frame):  # pylint: disable=unused-argument
+    print(f"launch_gpu: signal {signum}, asking every train.py to checkpoint and stop", file=sys.stderr)
+    for i, pid in pids.items():
+      subprocess.run(stop_command(args, args.hosts[i], pid), check=False)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
+  codes = [p.wait() for p in procs]
+  for t in threads:
+    t.join(timeout=5)
+  if any(codes):
+    print(f"launch_gpu: exit codes {codes}", file=sys.stderr)
+  return max(codes, key=abs)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,242 @@
+"""What fits where: per-device memory of the real training step, from XLA's own memory analysis.
+
+    python scripts/memory_table.py                                   # the table in docs/scale_out.md
+    python scripts/memory_table.py --models=L/16 --resolutions=384 --batches=32 --json=/tmp/l16.json
+    python scripts/memory_table.py --platform=gpu --devices=1 --fsdp=false   # a real accelerator
+    python scripts/memory_table.py --from_json=a.json,b.json         # print a table from saved runs
+
+For each model x resolution x per-device batch x remat x fsdp, the train step of `vit_cls.train` (AdamW
+with global-norm clipping, float32 parameters and optimizer state, bfloat16 matmuls by default) is
+lowered on abstract inputs (ShapeDtypeStructs: nothing is allocated, no data is read) for a data mesh of
+--devices devices, compiled, and `compiled.memory_analysis()` gives what one device needs: its
+arguments (its part of the state and of the batch) + outputs + temporaries - what donation lets the
+outputs reuse. Nothing is extrapolated: every cell is one compile at that batch size.
+
+With --platform=cpu (the default) the devices are simulated (`--xla_force_host_platform_device_count`),
+so fsdp over 8 devices can be measured on any machine. The numbers are then the CPU compiler's buffer
+assignment of the same program: GPU and TPU compilers fuse more and, on GPU, `attention_impl="fused"`
+runs cuDNN flash attention with no [tokens x tokens] buffers, so the CPU numbers overstate activation
+memory (about 2x against the H200 compiler, docs/scale_out.md). --platform=gpu or tpu measures the real
+compiler on the devices present (replicated data parallelism needs only one: its per-device memory does
+not depend on the device count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Memory per chip (GiB) of the accelerators a cell is checked against, smallest first.
+ACCELERATORS = {"16G": 16, "32G": 32, "80G": 80, "95G": 95, "141G": 141}
+ACCELERATOR_NOTE = ("16G: TPU v5e; 32G: TPU v4, v6e, V100/A100-40G (40); 80G: A100/H100; 95G: TPU v5p; "
+                    "141G: H200")
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="B/16,L/16,H/14")
+  p.add_argument("--resolutions", default="224,384",
+                 help="images sizes; a size the patch does not divide is rounded down to a multiple "
+                      "(H/14: 384 -> 378)")
+  p.add_argument("--batches", default="16,64", help="per-device batch sizes")
+  p.add_argument("--remat", default="none,block", help="remat policies (none, block, dots)")
+  p.add_argument("--fsdp", default="false,true")
+  p.add_argument("--devices", type=int, default=8, help="size of the data mesh; fsdp divides by it")
+  p.add_argument("--dtype", default="bfloat16", help="matmul dtype (parameters stay float32)")
+  p.add_argument("--attention", default="fused", help="attention_impl: fused or einsum")
+  p.add_argument("--scan_layers", action="store_true", help="nn.scan over blocks (faster compiles)")
+  p.add_argument("--usable", type=float, default=0.9, help="fraction of a chip's memory a step may use")
+  p.add_argument("--platform", default="cpu", help="cpu (simulated devices), gpu or tpu (real ones)")
+  p.add_argument("--json", default=None, help="also write the raw numbers here (after every compile)")
+  p.add_argument("--from_json", default=None, help="comma-separated JSON files: print their table")
+  return p.parse_args()
+
+
+def _setup_jax(args):
+  if args.platform == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+  sys.path.insert(0, _REPO)
+  try:
+    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    _stand_ins_for_data_modules()
+
+
+def _stand_ins_for_data_modules():
+  """vit_cls.train imports the input pipeline (TensorFlow) and ml_collections at module level, but the
+  step needs neither. On accelerator hosts without them (JAX-only images), empty stand-ins let the step
+  be imported and measured; nothing here reads data or configs."""
+  import types  # pylint: disable=g-import-not-at-top
+  for name in ("ml_collections", "tensorflow", "tensorflow_datasets"):
+    try:
+      __import__(name)
+    except ImportError:
+      sys.modules[name] = types.ModuleType(name)
+  try:
+    __import__("vit_cls.input_pipeline")
+  except Exception:  # pylint: disable=broad-except
+    stub = types.ModuleType("vit_cls.input_pipeline")
+    stub.DatasetInfo = object
+    sys.modules["vit_cls.input_pipeline"] = stub
+
+
+class _Config(dict):
+  """The few config fields the step and the optimizer read, as attributes (no ml_collections needed)."""
+  __getattr__ = dict.__getitem__
+
+
+def _train_config() -> _Config:
+  """The pre-training recipe's optimizer (configs/pretrain_imagenet.py): AdamW, clipping, decay."""
+  return _Config(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,
+                 momentum=0.9, grad_clip_norm=1.0, warmup_steps=100, decay_type="cosine",
+                 total_steps=10_000, seed=0, accum_steps=1, label_smoothing=0.0)
+
+
+def measure(model_name, resolution, remat, fsdp, per_device_batch, args, mesh) -> dict:
+  """Compiles the train step for one setting on abstract inputs; returns its per-device bytes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vit_cls import optim, sharding, train, variants  # pylint: disable=g-import-not-at-top
+  from vit_cls.model import VisionTransformer  # pylint: disable=g-import-not-at-top
+
+  num_classes = 1000
+  fields = variants.variant(model_name)
+  patch = fields["patch_size"][0]
+  resolution = resolution // patch * patch
+  model = VisionTransformer(num_classes=num_classes, representation_size=fields["hidden_size"],
+                            dtype=args.dtype, attention_impl=args.attention, remat_policy=remat,
+                            scan_layers=args.scan_layers, **fields)
+  config = _train_config()
+  tx, schedule = optim.create_optimizer(config)
+
+  def init():
+    params = model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)),
+                        train=False)["params"]
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  # Exactly what train.py builds: the state layout of init_state, the step of train_and_evaluate.
+  abstract = jax.eval_shape(init)
+  state_sh = sharding.state_shardings(abstract, mesh, fsdp=fsdp)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sh)
+  n = mesh.shape[sharding.DATA_AXIS]
+  batch_sh = sharding.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((per_device_batch * n, resolution, resolution, 3),
+                                         jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((per_device_batch * n,), jnp.int32, sharding=batch_sh)}
+  step_model = sharding.BatchShardedModel(model, mesh) if fsdp else model
+  step = jax.jit(functools.partial(train.train_step, model=step_model, tx=tx, schedule=schedule,
+                                   config=config, num_classes=num_classes),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
+  t0 = time.perf_counter()
+  stats = step.lower(abstract, batch).compile().memory_analysis()
+  seconds = time.perf_counter() - t0
+  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes)
+  return {"model": model_name, "resolution": resolution, "remat": remat, "fsdp": fsdp,
+          "devices": n, "per_device_batch": per_device_batch, "backend": jax.default_backend(),
+          "params": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
+          "state_bytes_per_device": sharding.bytes_per_device(abstract),
+          "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+          "alias_bytes": stats.alias_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
+          "peak_bytes": peak, "compile_s": round(seconds, 1)}
+
+
+def smallest_fit(peak_bytes: float, usable: float) -> str:
+  for name, gib in ACCELERATORS.items():
+    if peak_bytes <= gib * 2**30 * usable:
+      return name
+  return ">141G"
+
+
+def table(records: list[dict], usable: float) -> str:
+  """Rows: model x resolution x per-device batch. Columns: compiler x fsdp x remat. Cells: GiB per
+  device, and the smallest chip class whose memory (times `usable`) holds it."""
+  def column(r):
+    devices = f"fsdp/{r['devices']}" if r["fsdp"] else "replicated"
+    return (r.get("backend", "cpu"), r["fsdp"], r["remat"] != "none", devices, r["remat"])
+
+  cells, columns, rows = {}, set(), set()
+  for r in records:
+    col, row = column(r), (r["model"], r["resolution"], r["per_device_batch"])
+    cells[row, col] = r["peak_bytes"]  # a later measurement of the same cell replaces an earlier one
+    columns.add(col)
+    rows.add(row)
+  columns = sorted(columns, key=lambda c: (c[0] != "cpu", c[1], c[2]))
+  order = {m: i for i, m in enumerate(("Ti/16", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"))}
+  rows = sorted(rows, key=lambda r: (order.get(r[0], 99), r[0], r[1], r[2]))
+  head = ["model", "res", "batch/device"] + [
+      f"{devices}{' + remat ' + remat if remat != 'none' else ''} ({backend})"
+      for backend, _, _, devices, remat in columns]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    out = [row[0], str(row[1]), str(row[2])]
+    for col in columns:
+      peak = cells.get((row, col))
+      out.append("" if peak is None else f"{peak / 2**30:.1f} ({smallest_fit(peak, usable)})")
+    lines.append("| " + " | ".join(out) + " |")
+  return "\n".join(lines)
+
+
+def note(meta: list[dict], usable: float) -> str:
+  compilers = sorted({f"{m['backend']} (jax {m['jax']})" for m in meta})
+  a = meta[0]["args"]
+  return (f"GiB per device for one training step: AdamW, float32 parameters and optimizer state, "
+          f"{a['dtype']} matmuls, attention_impl={a['attention']}; measured with the "
+          f"{' and '.join(compilers)} compiler. In brackets: the smallest chip class that holds it "
+          f"within {usable:.0%} of its memory ({ACCELERATOR_NOTE}).")
+
+
+def main():
+  args = _parse()
+  if args.from_json:
+    records, meta = [], []
+    for path in args.from_json.split(","):
+      with open(path) as f:
+        data = json.load(f)
+      records += [dict(r, backend=r.get("backend", data["backend"])) for r in data["records"]]
+      meta.append(data)
+    print(note(meta, args.usable) + "\n\n" + table(records, args.usable))
+    return
+  _setup_jax(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from vit_cls import sharding  # pylint: disable=g-import-not-at-top
+
+  devices = jax.devices()[:args.devices]
+  if len(devices) < args.devices:
+    sys.exit(f"need {args.devices} devices, {jax.default_backend()} has {len(jax.devices())}: lower "
+             f"--devices (or use --platform=cpu, which simulates them).")
+  mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
+  meta = {"args": vars(args), "backend": jax.default_backend(), "jax": jax.__version__}
+  records = []
+  for model_name in args.models.split(","):
+    for res in (int(r) for r in args.resolutions.split(",")):
+      for batch in (int(b) for b in args.batches.split(",")):
+        for remat in args.remat.split(","):
+          for fsdp in (f.strip().lower() in ("1", "true", "yes") for f in args.fsdp.split(",")):
+            r = measure(model_name, res, remat, fsdp, batch, args, mesh)
+            records.append(r)
+            print(f"# {model_name} {r['resolution']} batch/device {batch} remat={remat} fsdp={fsdp}: "
+                  f"{r['peak_bytes'] / 2**30:.2f} GiB (compiled in {r['compile_s']} s)",
+                  file=sys.stderr, flush=True)
+            if args.json:  # after every compile: a long run that is stopped keeps what it measured
+              with open(args.json, "w") as f:
+                json.dump({**meta, "records": records}, f, indent=1)
+  print(note([meta], args.usable) + "\n\n" + table(records, args.usable))
+
+
+if __name__ == "__main__":
+  main()
