@@ -42,6 +42,7 @@ The output is a table and one JSON line (`JSON: {...}`), also written to `--json
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -89,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="only compile the training step (abstract inputs: no parameters allocated)")
   p.add_argument("--max_batch", default="",
                  help="comma list of remat policies for which to find the largest training batch")
+  p.add_argument("--no_verify", action="store_true",
+                 help="--max_batch: skip the check step at the predicted batch (estimate only)")
   p.add_argument("--memory_limit_gb", type=float, default=None,
                  help="device memory for --max_batch (default: what the backend reports)")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (set before JAX starts)")
@@ -474,17 +477,19 @@ def find_max_batch(a, mesh, devices, policies, out: dict) -> None:
       pred = int((usable - fixed) / slope) // (8 * per) * (8 * per)
       entry = dict(bytes_per_image=slope, fixed_bytes=fixed, predicted=pred, bytes_limit=limit)
       # Check: one real step at the predicted batch (and 15% less if that fails).
-      for b in (pred, int(pred * 0.85) // (8 * per) * (8 * per)):
+      for b in () if a.no_verify else (pred, int(pred * 0.85) // (8 * per) * (8 * per)):
+        r = None
         try:
           r = JaxRunner(f"max_batch_{policy}", model, a, mesh, batch=b)
           r.compile(infer=False)
           step_s = r.train(1)[0]
-          entry.update(verified_batch=b, verified_step_s=step_s,
-                       verified_img_s=b / step_s)
-          del r
+          entry.update(verified_batch=b, verified_step_s=step_s, verified_img_s=b / step_s)
           break
         except Exception as e:  # pylint: disable=broad-except
           entry.setdefault("failures", []).append(f"batch {b}: {type(e).__name__}: {str(e)[:200]}")
+        finally:
+          del r  # free this batch's state and activations before the next try
+          gc.collect()
       jax.clear_caches()
     except Exception as e:  # pylint: disable=broad-except
       entry = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
