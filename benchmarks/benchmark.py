@@ -51,6 +51,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Run from a checkout without `pip install -e .` (the bare GPU machine): the repository root is the
+# fallback place to find `vit_cls`; an installed package still comes first.
+sys.path.append(os.path.dirname(HERE))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

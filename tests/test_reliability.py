@@ -7,6 +7,7 @@ and what the program does. Helpers (child processes, pauses inside saves, corrup
 tests/fault_harness.py.
 """
 
+import json
 import os
 import re
 import shutil
@@ -187,6 +188,9 @@ def test_sigterm_at_random_moments_checkpoints_the_step_reached_and_resumes_exac
     assert saved, out[-3000:]
     reached = max(run.steps_printed())
     assert int(saved.group(1)) == reached == fh.step_dirs(workdir)[-1]
+    meta = os.path.join(workdir, "checkpoints", str(reached), "meta", "metadata")
+    with open(meta) as f:
+      assert json.load(f)["num_classes"] == 10  # the checkpoint says what it holds
     assert reached > (latest or 0)  # every SIGTERM cycle kept at least one step
     _check_restart_loaded(run, latest)
     first = _first_step_after(run)
