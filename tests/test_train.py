@@ -177,3 +177,27 @@ def test_digits_pretrain_then_finetune_at_a_higher_resolution(tiny_config, tmp_p
   # Chance is 0.1. 100 SGD steps with a fresh zero head at a new resolution recover part of what the
   # pre-trained encoder knows; the full-length configs/finetune_digits.py run is what the README reports.
   assert final["accuracy"] > 0.3, (pre, final)
+
+
+def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
+  """`config.init_from` converts in the published layout; a `scan_layers` model gets the blocks stacked."""
+  import types  # pylint: disable=g-import-not-at-top
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_cls import model as model_lib  # pylint: disable=g-import-not-at-top
+  tiny_config.model.num_layers = 2
+  size = tiny_config.image_size
+  source = train.create_model(tiny_config, 10).init(
+      jax.random.key(3), jnp.zeros((1, size, size, 3)), train=False)["params"]
+  checkpoint.save_npz(source, tmp_path / "source.npz")
+  tiny_config.model.scan_layers = True
+  tiny_config.init_from = str(tmp_path / "source.npz")
+  model = train.create_model(tiny_config, 10)
+  train.check_init_from(tiny_config, model)  # shapes checked against the scanned model's stand-ins
+  tx, _ = optim.create_optimizer(tiny_config)
+  state, _ = train.init_state(model, tx, tiny_config, sharding.create_mesh())
+  assert "encoderblock" in state.params["Transformer"]
+  state = train.initialise_from(state, tiny_config, types.SimpleNamespace(info=lambda _: None))
+  got = model_lib.scan_to_unrolled(jax.device_get(state.params))
+  for i in range(2):
+    _assert_trees_close(got["Transformer"][f"encoderblock_{i}"],
+                        source["Transformer"][f"encoderblock_{i}"], rtol=0, atol=0)

@@ -328,7 +328,9 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   if problem is not None:
     raise ValueError(f"{state_dir}: cannot read params from the orbax checkpoint ({problem}); "
                      f"pass another step directory to load that step instead.")
-  params = to_linen_naming(plain(restored["params"]))
+  from vit_cls.model import scan_to_unrolled  # pylint: disable=g-import-not-at-top
+  # A run trained with `scan_layers` stores its blocks stacked; readers get the published layout.
+  params = scan_to_unrolled(to_linen_naming(plain(restored["params"])))
 
   meta = None
   meta_dir = epath.Path(step_dir) / "meta"
@@ -348,7 +350,8 @@ def restore_params(path: str | os.PathLike) -> tuple[Params, dict | None]:
   """Params (nested dict of numpy arrays, linen naming) and meta (None for an `.npz`) from any source.
 
   `path`: an `.npz` file, a training workdir, its `checkpoints` directory (the latest step is read) or
-  one step directory.
+  one step directory. Always in the published layout (`encoderblock_{i}`), also for a run trained with
+  `scan_layers` (stacked blocks in its checkpoints).
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -496,6 +499,9 @@ def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
     raise ValueError(f"{path}: cannot tell the image size from the position embedding {rows} "
                      f"(not a square grid); give the image size: image_size=(height, width), or --image_size HxW.")
   model = build_model(config)
+  if model.scan_layers:  # trained with, or asked for, layer scan: the blocks stacked again
+    from vit_cls.model import unrolled_to_scan  # pylint: disable=g-import-not-at-top
+    params = unrolled_to_scan(params)
   check_param_shapes(params, abstract_params(model, image_size), got_from=f"checkpoint {path}",
                      want_from="model built from its config",
                      hint="fix: load with the architecture the checkpoint was trained with, or "

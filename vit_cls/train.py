@@ -27,6 +27,7 @@ from vit_cls import input_pipeline
 from vit_cls import metrics_log
 from vit_cls import optim
 from vit_cls import sharding
+from vit_cls import model as model_lib
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -492,9 +493,13 @@ def initialise_from(state: TrainState, config, logger) -> TrainState:
   if not os.path.exists(config.init_from):
     raise ValueError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
                      f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
+  # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
-      config.init_from, sharding.to_host(state.params), patch_size=tuple(config.model.patch_size),
-      image_size=config.image_size, class_token_position=config.model.class_token_position)
+      config.init_from, model_lib.scan_to_unrolled(sharding.to_host(state.params)),
+      patch_size=tuple(config.model.patch_size), image_size=config.image_size,
+      class_token_position=config.model.class_token_position)
+  if config.model.get("scan_layers", False):
+    params = model_lib.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)
@@ -518,7 +523,8 @@ def check_init_from(config, model) -> None:
                                              train=False))["params"]
   stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), shapes)
   try:
-    convert.init_from_checkpoint(path, stand_ins, patch_size=tuple(config.model.patch_size),
+    convert.init_from_checkpoint(path, model_lib.scan_to_unrolled(stand_ins),
+                                 patch_size=tuple(config.model.patch_size),
                                  image_size=config.image_size,
                                  class_token_position=config.model.class_token_position)
   except (ValueError, FileNotFoundError) as e:
