@@ -120,12 +120,31 @@ def _drop_orbax_tracebacks(record) -> bool:
   return True
 
 
+def _import_tensorflow_without_keras() -> None:
+  """Imports TensorFlow (for the input pipeline) about 3 s faster, by not loading Keras.
+
+  `import tensorflow` eagerly imports `keras.src.optimizers`, which loads all of Keras and IPython, for
+  a SavedModel registry this program never uses; TensorFlow catches an ImportError there. A `None`
+  entry in `sys.modules` makes exactly that import fail at once. The entry is removed right after, so
+  Keras still imports normally if anything asks for it later.
+  """
+  blocked = "keras.src.optimizers"
+  if "tensorflow" in sys.modules or blocked in sys.modules:
+    return
+  sys.modules[blocked] = None
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    del sys.modules[blocked]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   # Orbax and TensorFlow log every file they touch at INFO; the progress lines are what users read.
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
+  _import_tensorflow_without_keras()
   from vit_cls import sharding  # pylint: disable=g-import-not-at-top
   from vit_cls import train  # pylint: disable=g-import-not-at-top
   try:
