@@ -655,10 +655,12 @@ def print_table(out: dict, a) -> None:
   print(f"peak memory: {_fmt_bytes(out['peak_memory_bytes'])} ({out['peak_memory_note']})")
   la0, la1 = out.get("load_avg_start"), out.get("load_avg_end")
   print(f"load average (1 min) at start / end: {la0} / {la1} on {out['cpu_count']} CPUs" +
-        ("  WARNING: the machine was busy with other work; only same-run ratios mean anything, and "
-         "an OpenMP runtime (timm) suffers more from shared cores than XLA's work-stealing pool"
-         if out["backend"] == "cpu" and max(la0 or 0, la1 or 0) > (out["cpu_count"] or 1) + 0.5
-         else ""))
+        # Only the load at the start says something about other work: by the end it includes this
+        # benchmark's own thread pools (several per simulated device, and timm's server).
+        ("  WARNING: the machine was busy with other work before the benchmark started; only same-run "
+         "ratios mean anything, and an OpenMP runtime (timm) suffers more from shared cores than "
+         "XLA's work-stealing pool"
+         if out["backend"] == "cpu" and (la0 or 0) > (out["cpu_count"] or 1) + 0.5 else ""))
   cols = ["runner", "compile train s", "compile infer s", "train img/s", "infer img/s",
           "train TFLOP/s", "train MFU", "infer TFLOP/s", "infer MFU", "HLO GFLOP/train img",
           "XLA train bytes", "train CPU-s/step", "infer CPU-s/step"]

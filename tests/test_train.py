@@ -145,6 +145,11 @@ def test_train_py_end_to_end_writes_checkpoints_metrics_and_plot(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "5"]
   assert (tmp_path / "curves.png").stat().st_size > 1000
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  assert {"train/loss", "eval/accuracy"} <= set(events.Tags()["tensors"])
+  assert [e.step for e in events.Tensors("eval/accuracy")] == [10]
   evals = _records(tmp_path, "eval")
   assert evals[-1]["step"] == 10 and evals[-1]["num_examples"] == 360
 

@@ -47,8 +47,7 @@ class MetricsLogger:
     if torn:
       self._jsonl.write("\n")
     try:
-      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _TensorBoardScalars(os.path.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard needs TensorFlow; training without it still logs the rest.
       self._tb = None
 
@@ -81,6 +80,29 @@ class MetricsLogger:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+class _TensorBoardScalars:
+  """Scalar summaries in TensorBoard event files, written with `tf.summary`.
+
+  What `flax.metrics.tensorboard.SummaryWriter` does for scalars, without its import of TensorBoard's
+  hparams plugin, which loads all of Keras (about 1.4 s at every start of train.py).
+  """
+
+  def __init__(self, logdir: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._summary = tf.summary
+    self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    with self._writer.as_default():
+      self._summary.scalar(tag, value, step=step)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
