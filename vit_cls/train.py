@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 
 from vit_cls import input_pipeline
 from vit_cls import metrics_log
+from vit_cls import model as model_lib
 from vit_cls import optim
 from vit_cls import sharding
-from vit_cls import model as model_lib
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
