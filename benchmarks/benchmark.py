@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--matmul_dtype", default=None,
                  help="bfloat16: bf16 matmul operands, float32 products and activations (CPU)")
   p.add_argument("--no_donate", action="store_true", help="do not donate the training state")
+  p.add_argument("--batch_chunks", type=int, default=1,
+                 help="compute each step's batch as this many independent parts (CPU: XLA overlaps them)")
   p.add_argument("--variant", action="append", default=[], metavar="LABEL:k=v,k=v",
                  help="an extra vit_cls runner with model fields overridden, e.g. scan:scan_layers=true")
   p.add_argument("--compare", default="",
@@ -215,8 +217,12 @@ class JaxRunner:
       params = model.init(key, init_x, train=False)["params"]
       return params, tx.init(params)
 
+    from vit_cls.model import apply_in_chunks  # pylint: disable=g-import-not-at-top
+    chunks = a.batch_chunks
+
     def loss_fn(params, x, y):
-      logits = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+      logits = apply_in_chunks(model, {"params": params}, x, chunks, train=True,
+                               rngs={"dropout": jax.random.key(1)})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def train_step(state, x, y):
@@ -226,7 +232,7 @@ class JaxRunner:
       return (optax.apply_updates(params, updates), opt_state), loss
 
     def infer_step(params, x):
-      return model.apply({"params": params}, x, train=False)
+      return apply_in_chunks(model, {"params": params}, x, chunks, train=False)
 
     donate = () if a.no_donate else (0,)
     self._train = jax.jit(train_step, donate_argnums=donate, out_shardings=(repl, repl))
@@ -244,7 +250,7 @@ class JaxRunner:
       self.x = jax.device_put(jax.random.uniform(kx, x_shape.shape, minval=-1, maxval=1), data)
       self.y = jax.device_put(jax.random.randint(ky, y_shape.shape, 0, max(1, model.num_classes)), data)
     self.params_count = int(sum(l.size for l in jax.tree.leaves(self.state[0])))
-    self.result = dict(label=label, impl=impl, params=self.params_count)
+    self.result = dict(label=label, impl=impl, params=self.params_count, batch_chunks=a.batch_chunks)
 
   def compile(self, infer: bool = True) -> None:
     t = time.perf_counter()
@@ -395,7 +401,7 @@ def make_runners(a, mesh) -> list:
   """The base vit_cls runner, then each --variant, then the --compare anchors.
 
   Variant keys besides model fields: `impl` (vit_cls | reference), `devices` (shard this runner's batch
-  over that many devices: simulated host devices on CPU), `donate` (true | false).
+  over that many devices: simulated host devices on CPU), `donate` (true | false), `batch_chunks`.
   """
   sys.path.insert(0, HERE)
   import reference_vit_jax  # pylint: disable=g-import-not-at-top
@@ -413,6 +419,7 @@ def make_runners(a, mesh) -> list:
     donate = fields.pop("donate", None)
     if donate is not None:
       va.no_donate = not donate
+    va.batch_chunks = int(fields.pop("batch_chunks", a.batch_chunks))
     impl = fields.pop("impl", "vit_cls")
     devices = int(fields.pop("devices", a.devices))
     if a.batch % devices:
@@ -526,7 +533,7 @@ def main(argv=None) -> dict:
       cpu_count=os.cpu_count(), load_avg_start=_load_avg(),
       options=dict(attention_impl=a.attention_impl, fuse_qkv=_parse_value(a.fuse_qkv),
                    scan_layers=a.scan_layers, remat_policy=a.remat_policy,
-                   matmul_dtype=a.matmul_dtype, donate=not a.no_donate),
+                   matmul_dtype=a.matmul_dtype, donate=not a.no_donate, batch_chunks=a.batch_chunks),
       flops_source="analytic matmul count (2/MAC), train = 3 x forward; HLO cost analysis beside it",
       analytic_forward_flops_per_image=fwd_flops, analytic_train_flops_per_image=3 * fwd_flops)
 

@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.eval_batch_size = 128
   config.accum_steps = 1
+  config.batch_chunks = 1  # >1: the step computes the batch as that many independent parts, which
+  #                          XLA's CPU runtime overlaps (faster on CPU for small models; see BENCHMARKS.md)
   config.fsdp = False  # True: parameters + optimizer state sharded over the devices (too big to replicate)
   config.seed = 0
 

@@ -90,6 +90,24 @@ def test_accumulation_equals_one_large_batch(tiny_config):
   assert out[1][1] == pytest.approx(out[4][1], rel=1e-5)
 
 
+def test_batch_chunks_compute_the_same_step(tiny_config):
+  """Independent chunks of the batch (a CPU speed option) give the update of the whole batch at once."""
+  tiny_config.optimizer = "sgd"
+  mesh = sharding.create_mesh()
+  batch = _batch(64, size=tiny_config.image_size)
+  out = {}
+  for accum, chunks in ((1, 1), (1, 4), (2, 2)):
+    tiny_config.accum_steps, tiny_config.batch_chunks = accum, chunks
+    state, fn = _step_fn(tiny_config, mesh)
+    state, metrics = fn(state, sharding.global_batch(batch, mesh))
+    out[accum, chunks] = (jax.device_get(state.params), float(metrics["loss"]),
+                          float(metrics["accuracy"]))
+  for key in ((1, 4), (2, 2)):
+    _assert_trees_close(out[1, 1][0], out[key][0], rtol=1e-4, atol=1e-6)
+    assert out[1, 1][1] == pytest.approx(out[key][1], rel=1e-5)
+    assert out[1, 1][2] == pytest.approx(out[key][2], abs=1e-6)
+
+
 def _records(workdir, split):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r["split"] == split]

@@ -94,8 +94,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, config, n
   accum = config.get("accum_steps", 1)
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
+  chunks = config.get("batch_chunks", 1)
+
   def loss_fn(params, images, labels, dropout_rng):
-    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    logits = model_lib.apply_in_chunks(model, {"params": params}, images, chunks, train=True,
+                                       rngs={"dropout": dropout_rng})
     loss = cross_entropy(logits, labels, num_classes, config.get("label_smoothing", 0.0)).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, accuracy
@@ -371,8 +374,8 @@ def validate_config(config) -> None:
     bad("optimizer", f"choose one of {', '.join(optim.OPTIMIZERS)}")
   if config.decay_type not in optim.DECAY_TYPES:
     bad("decay_type", f"choose one of {', '.join(optim.DECAY_TYPES)}")
-  for field in ("total_steps", "batch_size", "eval_batch_size", "accum_steps", "log_every",
-                "checkpoint_every", "eval_every"):
+  for field in ("total_steps", "batch_size", "eval_batch_size", "accum_steps", "batch_chunks",
+                "log_every", "checkpoint_every", "eval_every"):
     if int(config.get(field, 1)) < 1:
       bad(field, "a positive integer")
   if config.warmup_steps < 0 or config.warmup_steps > config.total_steps:
@@ -408,6 +411,11 @@ def validate_config(config) -> None:
     raise ValueError(f"config.accum_steps={config.accum_steps} does not divide the per-device batch "
                      f"{per_device} (batch_size={config.batch_size} over {n_dev} devices): choose a "
                      f"divisor of {per_device}.")
+  per_micro = per_device // config.get("accum_steps", 1)
+  if per_micro % config.get("batch_chunks", 1):
+    raise ValueError(f"config.batch_chunks={config.batch_chunks} does not divide the per-device "
+                     f"micro-batch {per_micro} (batch_size={config.batch_size} over {n_dev} devices, "
+                     f"accum_steps={config.get('accum_steps', 1)}): choose a divisor of {per_micro}.")
 
 
 def prepare_workdir(workdir: str) -> None:
