@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import vit_cls
 from vit_cls import model as model_lib
+from tiny_model import images, tiny  # tests/tiny_model.py
 
 PUBLISHED_COUNTS = {
     "Ti/16": 5_717_416, "S/16": 22_050_664, "S/32": 22_878_952, "B/16": 86_567_656,
@@ -32,17 +33,6 @@ def count(params):
 
 def flat_shapes(params):
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
-
-
-def tiny(**kw):
-  fields = dict(num_classes=5, patch_size=(4, 4), hidden_size=32, mlp_dim=64, num_heads=4,
-                num_layers=2)
-  fields.update(kw)
-  return model_lib.VisionTransformer(**fields)
-
-
-def images(n=2, size=16, seed=0):
-  return jax.random.uniform(jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_COUNTS))

@@ -13,17 +13,7 @@ import numpy as np
 import pytest
 
 from vit_cls import model as model_lib
-
-
-def tiny(**kw):
-  fields = dict(num_classes=5, patch_size=(4, 4), hidden_size=32, mlp_dim=64, num_heads=4,
-                num_layers=2)
-  fields.update(kw)
-  return model_lib.VisionTransformer(**fields)
-
-
-def images(n=2, size=16, seed=0):
-  return jax.random.uniform(jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1)
+from tiny_model import images, tiny  # tests/tiny_model.py
 
 
 def perturbed_params(model, seed=3):
