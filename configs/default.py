@@ -3,24 +3,22 @@ scratch on the handwritten digits that ship inside scikit-learn (8x8 grayscale, 
 
     python train.py --config=configs/default.py --workdir=workdirs/digits
 
-Runs in minutes on 2 CPU cores, no network needed. Every field below can be overridden with
-`--config.FIELD=VALUE`; `configs/models.py` documents the model fields.
+Runs in minutes on 2 CPU cores, no network needed. Every field can be overridden with
+`--config.FIELD=VALUE`: the job's own settings are below, the rest (at neutral values) come from
+`configs/base.py`; `configs/models.py` documents the model fields.
 """
 
 import ml_collections
 
+from configs import base
 from configs import models
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
+  config = base.get_config()
 
   # Data (vit_cls/input_pipeline.py).
   config.dataset = "digits"
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/tensorflow_datasets
-  config.train_split = "train"
-  config.eval_split = "test"
-  config.allow_download = False
   # Upsample the 8x8 digits to 16x16 so that the random-resized crop below has sub-pixel freedom:
   # the 8x8 source is cropped to a window of 50..100% of its area (aspect 3/4..4/3), then resized
   # to 16x16. That random scale + shift is what stops the tiny ViT from overfitting 1,437 images
@@ -51,9 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = "adamw"
   config.learning_rate = 2e-3
   config.weight_decay = 0.05
-  config.b1 = 0.9
-  config.b2 = 0.999
-  config.momentum = 0.9
   config.grad_clip_norm = 1.0
   config.label_smoothing = 0.1  # with the crop: a little regularisation that costs no time
   config.warmup_steps = 100
@@ -61,18 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.total_steps = 1_500  # ~134 epochs: 97.5-98.3% test on seeds 0-2, ~2 CPU-minutes
   config.batch_size = 128
   config.eval_batch_size = 128
-  config.accum_steps = 1
-  config.batch_chunks = 1  # >1: the step computes the batch as that many independent parts, which
-  #                          XLA's CPU runtime overlaps (faster on CPU for small models; see BENCHMARKS.md)
-  config.fsdp = False  # True: parameters + optimizer state sharded over the devices (too big to replicate)
-  config.seed = 0
+  # batch_chunks (from configs/base.py, 1) > 1 computes the batch as that many independent parts,
+  # which XLA's CPU runtime overlaps (faster on CPU for small models; see BENCHMARKS.md).
 
-  # Bookkeeping.
-  config.log_every = 100
+  # Bookkeeping (log_every 100, checkpoint_every 1,000, keep_checkpoints 3: configs/base.py).
   config.eval_every = 500
-  config.checkpoint_every = 1_000
-  config.keep_checkpoints = 3
-  # A damaged newest checkpoint: False falls back to the previous one (and says so); True stops the run.
-  config.strict_checkpoints = False
-  config.init_from = ml_collections.config_dict.placeholder(str)  # checkpoint to fine-tune from
   return config

@@ -1,0 +1,49 @@
+"""The fields every training config has, at neutral values: the base the recipes build on.
+
+Why a base and not `configs/default.py`: the default config is the built-in digits job, tuned for a tiny
+model on 1,437 images (label smoothing, a random-resized crop of 50..100% of the area, a short cosine
+schedule). A paper recipe that started from it would silently inherit those choices. Here every
+regulariser is off (no weight decay, dropout, label smoothing or clipping), and the fields that define a
+recipe (dataset, resolution, model, optimizer, learning rate, schedule, steps, batch) are absent, so a
+config that forgets one fails `vit_cls.train.validate_config` with the field's name instead of running
+with someone else's value.
+
+Every field a recipe may override on the command line (`--config.FIELD=VALUE`) must exist, so new
+fields of the training loop belong here, not in one recipe. `configs/default.py` documents each field.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Data (vit_cls/input_pipeline.py): the recipe sets dataset, splits, image_size and pp.
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/tensorflow_datasets
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.allow_download = False
+  config.shuffle_buffer = 10_000
+
+  # Optimisation: the recipe sets optimizer, learning_rate, warmup_steps, decay_type, total_steps,
+  # batch_size; these are the optimizers' own defaults and regularisers off.
+  config.b1 = 0.9
+  config.b2 = 0.999
+  config.momentum = 0.9
+  config.weight_decay = 0.0
+  config.grad_clip_norm = 0.0  # 0: no clipping
+  config.label_smoothing = 0.0
+  config.accum_steps = 1
+  config.batch_chunks = 1  # >1: the step computes the batch as that many independent parts
+  config.fsdp = False  # True: parameters + optimizer state sharded over the devices
+  config.seed = 0
+
+  # Bookkeeping.
+  config.log_every = 100
+  config.eval_every = 1_000
+  config.checkpoint_every = 1_000
+  config.keep_checkpoints = 3
+  # A damaged newest checkpoint: False falls back to the previous one (and says so); True stops the run.
+  config.strict_checkpoints = False
+  config.init_from = ml_collections.config_dict.placeholder(str)  # checkpoint to fine-tune from
+  return config
