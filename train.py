@@ -10,6 +10,13 @@ import re
 import signal
 import sys
 
+# First, before JAX and TensorFlow allocate anything: the memory allocator, printed as the run's first
+# line (vit_cls.allocator imports only the standard library; it may restart this process once, same pid,
+# with tcmalloc preloaded; VIT_CLS_ALLOCATOR=system turns the selection off).
+if __name__ == "__main__":
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+  allocator.setup()
+
 
 class _SigtermLatch:
   """Remembers a SIGTERM that arrives before the training loop listens for one (imports, restore,

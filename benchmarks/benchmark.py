@@ -32,6 +32,10 @@ What it measures, and why this way:
 * Memory: the backend's peak bytes in use (`device.memory_stats()["peak_bytes_in_use"]`; GPUs report it,
   the CPU backend reports nothing and says so), and for each compiled step XLA's own estimate
   (arguments + outputs - donated aliases + temporaries), which works on every backend.
+* Allocator: every runner runs under the same host memory allocator (`--allocator`, default tcmalloc
+  when installed, else glibc tuned; see vit_cls/allocator.py); the table and the JSON record each
+  runner's. On a CPU it changes the throughput by up to 1.8x, so a comparison where only one side has
+  tcmalloc compares allocators, not models.
 * `--max_batch` (GPU): for each remat policy, the largest training batch whose compiled footprint fits the
   device memory, from XLA's memory estimate at two batch sizes (footprint is affine in the batch), checked
   by running one step at the predicted size.
@@ -100,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--memory_limit_gb", type=float, default=None,
                  help="device memory for --max_batch (default: what the backend reports)")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (set before JAX starts)")
+  p.add_argument("--allocator", default=None, choices=("auto", "tcmalloc", "glibc-tuned", "system"),
+                 help="host memory allocator of every runner: this process (vit_cls, the reference) and "
+                      "timm's server get the same one (default: $VIT_CLS_ALLOCATOR, else auto; see "
+                      "vit_cls/allocator.py)")
   p.add_argument("--json_out", default="", help="also write the JSON here")
   p.add_argument("--quick", action="store_true",
                  help="tiny model, tiny batch, one round of one step: checks that everything prints")
@@ -250,7 +258,9 @@ class JaxRunner:
       self.x = jax.device_put(jax.random.uniform(kx, x_shape.shape, minval=-1, maxval=1), data)
       self.y = jax.device_put(jax.random.randint(ky, y_shape.shape, 0, max(1, model.num_classes)), data)
     self.params_count = int(sum(l.size for l in jax.tree.leaves(self.state[0])))
-    self.result = dict(label=label, impl=impl, params=self.params_count, batch_chunks=a.batch_chunks)
+    from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+    self.result = dict(label=label, impl=impl, params=self.params_count, batch_chunks=a.batch_chunks,
+                       allocator=allocator.describe(), allocator_kind=allocator.kind())
 
   def compile(self, infer: bool = True) -> None:
     t = time.perf_counter()
@@ -296,14 +306,20 @@ class TimmProxy:
       raise FileNotFoundError(
           f"--compare timm needs a Python with torch and timm at {a.timm_python} (see the docstring of "
           f"benchmarks/timm_benchmark.py for the two pip commands), or --timm_python PATH.")
+    from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+    # The server chooses its allocator when it starts, as this process did: ask it for the same one.
+    mode = allocator.kind()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[allocator.ENV_MODE] = mode if mode in allocator.MODES else "system"
     env.pop("XLA_FLAGS", None)
     self.proc = subprocess.Popen(
         [a.timm_python, os.path.join(HERE, "timm_benchmark.py"), "--serve"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env)
     self._setup = dict(cmd="setup", model=a.model, batch=a.batch, resolution=a.resolution,
                        num_classes=num_classes)
-    self.result = dict(label="timm", impl="timm")
+    reply = self._ask(dict(cmd="allocator"))
+    self.result = dict(label="timm", impl="timm", allocator=reply["allocator"],
+                       allocator_kind=reply["allocator_kind"])
 
   def _ask(self, req: dict) -> dict:
     self.proc.stdin.write(json.dumps(req) + "\n")
@@ -526,8 +542,10 @@ def main(argv=None) -> dict:
   backend = jax.default_backend()
   model = build_model(a)
   fwd_flops = analytic_forward_flops(model, a.resolution)
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
   out = dict(
       model=a.model, resolution=a.resolution, batch=a.batch, dtype=str(jnp.dtype(a.dtype)),
+      allocator=allocator.describe(),
       devices=len(devices), backend=backend, device_kind=devices[0].device_kind,
       jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
       cpu_count=os.cpu_count(), load_avg_start=_load_avg(),
@@ -622,6 +640,7 @@ def main(argv=None) -> dict:
       base[f"infer_cpu_ratio_vs_{r.label}"] = (r.result["infer_cpu_s_per_step"]
                                                / base["infer_cpu_s_per_step"])
   out["runners"] = [r.result for r in runners]
+  out["allocators_differ"] = len({r.result["allocator_kind"] for r in runners}) > 1
   out["wall_s"] = time.perf_counter() - t_start
   out["load_avg_end"] = _load_avg()
   print_table(out, a)
@@ -668,12 +687,15 @@ def print_table(out: dict, a) -> None:
          "ratios mean anything, and an OpenMP runtime (timm) suffers more from shared cores than "
          "XLA's work-stealing pool"
          if out["backend"] == "cpu" and (la0 or 0) > (out["cpu_count"] or 1) + 0.5 else ""))
-  cols = ["runner", "compile train s", "compile infer s", "train img/s", "infer img/s",
+  if out.get("allocators_differ"):  # (this process's allocator is the run's first line)
+    print("WARNING: the runners ran under different allocators (see the allocator column): the "
+          "comparison measures the allocators too")
+  cols = ["runner", "allocator", "compile train s", "compile infer s", "train img/s", "infer img/s",
           "train TFLOP/s", "train MFU", "infer TFLOP/s", "infer MFU", "HLO GFLOP/train img",
           "XLA train bytes", "train CPU-s/step", "infer CPU-s/step"]
   rows = []
   for r in out["runners"]:
-    rows.append([r["label"], _fmt(r.get("compile_train_s"), ".1f"), _fmt(r.get("compile_infer_s"), ".1f"),
+    rows.append([r["label"], r.get("allocator_kind", "n/a"), _fmt(r.get("compile_train_s"), ".1f"), _fmt(r.get("compile_infer_s"), ".1f"),
                  _fmt(r["train_img_s"]), _fmt(r.get("infer_img_s")), _fmt(r["train_tflops"], ".4f"),
                  _fmt(r["train_mfu"], ".1%"), _fmt(r.get("infer_tflops"), ".4f"),
                  _fmt(r.get("infer_mfu"), ".1%"),
@@ -704,5 +726,16 @@ def _finish(a, out: dict) -> dict:
   return out
 
 
+def choose_allocator(argv=None) -> None:
+  """This process's memory allocator, before JAX is imported (`--allocator` wins over the environment;
+  may restart the process once); prints it as the first line."""
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top  (standard library only)
+  chosen = parse_args(argv).allocator
+  if chosen:
+    os.environ[allocator.ENV_MODE] = chosen  # kept across the restart, and passed to timm's server
+  allocator.setup()
+
+
 if __name__ == "__main__":
+  choose_allocator()
   main()

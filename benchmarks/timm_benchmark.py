@@ -42,6 +42,29 @@ VARIANTS = {
 }
 
 
+def _load_allocator():
+  """vit_cls/allocator.py loaded by its path (standard library only): this file runs in a Python that
+  has neither vit_cls nor JAX. None when this file was copied out of the repository."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vit_cls",
+                      "allocator.py")
+  if not os.path.exists(path):
+    return None
+  spec = importlib.util.spec_from_file_location("vit_cls_allocator", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_allocator = None  # that module, as loaded in __main__: it remembers what it did to this process
+
+
+def _allocator_info() -> dict:
+  allocator = _allocator or _load_allocator()
+  return dict(allocator=allocator.describe() if allocator else "unknown (vit_cls/allocator.py not found)",
+              allocator_kind=allocator.kind() if allocator else "unknown")
+
+
 def _import_timm():
   """Imports torch and timm, working around the torchvision operator-schema mismatch (see the docstring)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -130,6 +153,8 @@ def serve(stream_in=sys.stdin, stream_out=sys.stdout) -> None:
         reply = dict(ok=True, times=runner.train(req["steps"]), cpu_times=runner.cpu_times)
       elif req["cmd"] == "infer":
         reply = dict(ok=True, times=runner.infer(req["steps"]), cpu_times=runner.cpu_times)
+      elif req["cmd"] == "allocator":
+        reply = dict(ok=True, **_allocator_info())
       elif req["cmd"] == "quit":
         stream_out.write(json.dumps(dict(ok=True)) + "\n")
         stream_out.flush()
@@ -162,7 +187,7 @@ def main(argv=None) -> None:
   train = statistics.median(r.train(a.steps))
   infer = statistics.median(r.infer(a.steps))
   out = dict(model=a.model, batch=a.batch, resolution=a.resolution, train_img_s=a.batch / train,
-             infer_img_s=a.batch / infer, **r.info)
+             infer_img_s=a.batch / infer, **r.info, **_allocator_info())
   print(f"timm {a.model} batch {a.batch}: train {out['train_img_s']:.2f} img/s, "
         f"infer {out['infer_img_s']:.2f} img/s")
   print("JSON: " + json.dumps(out))
@@ -170,4 +195,14 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   os.environ.setdefault("PYTHONUNBUFFERED", "1")
+  # The allocator first, before torch allocates (VIT_CLS_ALLOCATOR; benchmark.py passes its own). The
+  # server's stdout is the JSON protocol: there the choice is only reported, by the "allocator" command.
+  _allocator = _load_allocator()
+  if _allocator and "--serve" in sys.argv[1:]:
+    try:
+      _allocator.select()
+    except ValueError as e:
+      raise SystemExit(f"error: timm server: {e}") from None
+  elif _allocator:
+    _allocator.setup()
   main()

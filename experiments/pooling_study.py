@@ -55,6 +55,9 @@ from typing import Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # configs/ is a directory of the repository, not an installed package
   sys.path.insert(0, REPO)
+if __name__ == "__main__":  # before JAX and TensorFlow allocate: the memory allocator, the first line
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+  allocator.setup()
 
 # head name -> (config.model overrides, one-line description for the table). Every head keeps the rest of
 # the model (width, depth, the MLP pre-logits head) as the base config has it.

@@ -4,11 +4,27 @@
 a checkpoint of this project or a published ViT `.npz`. Nothing here imports TensorFlow.
 """
 
-from vit_cls.model import VisionTransformer
-from vit_cls.variants import MODEL_VARIANTS
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from vit_cls.model import VisionTransformer
+  from vit_cls.variants import MODEL_VARIANTS
 
 
-def create_model(name: str, **overrides) -> VisionTransformer:
+def __getattr__(name):
+  """`VisionTransformer` and `MODEL_VARIANTS`, imported on first use: `import vit_cls` (which
+  `python -m vit_cls.predict` does first) must not load JAX before an entry point has chosen the memory
+  allocator (vit_cls.allocator)."""
+  if name == "VisionTransformer":
+    from vit_cls.model import VisionTransformer  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    return VisionTransformer
+  if name == "MODEL_VARIANTS":
+    from vit_cls.variants import MODEL_VARIANTS  # pylint: disable=g-import-not-at-top,redefined-outer-name
+    return MODEL_VARIANTS
+  raise AttributeError(f"module 'vit_cls' has no attribute {name!r}")
+
+
+def create_model(name: str, **overrides) -> "VisionTransformer":
   """A named variant (see `MODEL_VARIANTS`), with any `VisionTransformer` field overridden.
 
   >>> model = create_model("B/16", num_classes=10, pool="gap")
@@ -17,6 +33,7 @@ def create_model(name: str, **overrides) -> VisionTransformer:
   fields = variant(name)
   fields.update(overrides)
   fields.setdefault("num_classes", 1000)
+  from vit_cls.model import VisionTransformer  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return VisionTransformer(**fields)
 
 

@@ -26,7 +26,11 @@ import os
 import sys
 from typing import Sequence
 
-import numpy as np
+if __name__ == "__main__":  # before numpy and JAX: the memory allocator (stderr: stdout is the PNG's path)
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+  allocator.setup(file=sys.stderr)
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vit_cls import checkpoint as ckpt_lib
 from vit_cls import predict
