@@ -225,7 +225,7 @@ class JaxRunner:
       params = model.init(key, init_x, train=False)["params"]
       return params, tx.init(params)
 
-    from vit_cls.model import apply_in_chunks  # pylint: disable=g-import-not-at-top
+    from vit_cls.speed import apply_in_chunks  # pylint: disable=g-import-not-at-top
     chunks = a.batch_chunks
 
     def loss_fn(params, x, y):

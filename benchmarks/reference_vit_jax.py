@@ -9,7 +9,7 @@ heads-last einsum attention core (`...qhd,...khd->...hqk`); that layout is what 
 CPU, so it must be kept as it is and not "improved" here.
 
 It builds the same parameter tree as `vit_cls.model.VisionTransformer` with the default `cls` pooling (the
-tree is the compatibility contract of shared/DESIGN.md, section 2), so the same parameters can be fed to
+tree is the compatibility contract of docs/ARCHITECTURE.md), so the same parameters can be fed to
 both models, and a test checks that they compute the same function.
 
 Only the pieces the benchmark needs are here: `cls` pooling, optional pre-logits, a linear head, dropout.

@@ -259,12 +259,11 @@ def test_load_orbax_workdir_checkpoints_and_step_dirs(tmp_path):
 def test_layer_scan_checkpoints_read_back_in_the_published_layout(tmp_path):
   """A run trained with `scan_layers` stores stacked blocks; every reader sees `encoderblock_{i}`."""
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
-  from vit_cls import model as model_lib  # pylint: disable=g-import-not-at-top
   scanned_model = VisionTransformer(**dict(TINY, scan_layers=True))
   stacked = random_params(scanned_model, seed=3)
   assert "encoderblock" in stacked["Transformer"]
   write_orbax(tmp_path, stacked, scanned_model, step=4)
-  unrolled = model_lib.scan_to_unrolled(stacked)
+  unrolled = ck.scan_to_unrolled(stacked)
   params, meta = ck.restore_params(tmp_path)
   assert meta["model"]["scan_layers"] is True
   assert_trees_equal(params, unrolled)  # encoderblock_0, encoderblock_1: the published layout
@@ -283,7 +282,7 @@ def test_layer_scan_checkpoints_read_back_in_the_published_layout(tmp_path):
   ck.save_npz(params, npz)
   assert_trees_equal(ck.load_npz(npz), unrolled)
   # Fine-tuning init into a scanned model with a new head: converted in the published layout, stacked.
-  target = model_lib.scan_to_unrolled(random_params(
+  target = ck.scan_to_unrolled(random_params(
       VisionTransformer(**dict(TINY, scan_layers=True, num_classes=5)), seed=4))
   new, _ = convert.init_from_checkpoint(str(tmp_path), target, patch_size=(4, 4), image_size=16)
   assert_trees_equal(new["Transformer"]["encoderblock_1"], unrolled["Transformer"]["encoderblock_1"])

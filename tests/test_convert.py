@@ -15,7 +15,7 @@ import scipy.ndimage
 
 from vit_cls import checkpoint as ck
 from vit_cls import convert
-from vit_cls.model import VisionTransformer
+from vit_cls.model import VisionTransformer, apply_with_aux
 
 TINY = dict(num_classes=10, patch_size=(4, 4), hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2,
             pool="cls", representation_size=None, num_registers=0, dtype=jnp.float32)
@@ -32,9 +32,9 @@ def random_params(model, image_size=16, seed=0, zero_head=False):
 
 
 # One compiled function per (model, shapes, return_aux): equal linen modules hash equal.
-_apply = jax.jit(lambda model, p, x, return_aux: model.apply({"params": p}, x, train=False,
-                                                             return_aux=return_aux),
-                 static_argnums=(0, 3))
+_apply = jax.jit(lambda model, p, x, return_aux: (
+    apply_with_aux(model, {"params": p}, x, train=False) if return_aux
+    else model.apply({"params": p}, x, train=False)), static_argnums=(0, 3))
 
 
 def apply(model, params, x, return_aux=False):

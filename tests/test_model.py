@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import vit_cls
+from vit_cls import checkpoint
 from vit_cls import model as model_lib
 from tiny_model import images, tiny  # tests/tiny_model.py
 
@@ -134,7 +135,7 @@ def test_layernorm_epsilon_and_gelu_tanh():
 def test_output_shapes_of_poolings_and_heads(pool, rep, classes, expected, registers):
   m = tiny(pool=pool, representation_size=rep, num_classes=classes, num_registers=registers)
   variables = m.init(jax.random.key(0), images(), train=False)
-  out, aux = m.apply(variables, images(), train=False, return_aux=True)
+  out, aux = model_lib.apply_with_aux(m, variables, images(), train=False)
   assert out.shape == expected
   assert ("cls" in variables["params"]) == (pool == "cls")
   assert ("pre_logits" in variables["params"]) == (rep is not None)
@@ -152,7 +153,7 @@ def test_output_shapes_of_poolings_and_heads(pool, rep, classes, expected, regis
 def test_features_head_returns_the_class_token_state():
   m = tiny(num_classes=0)
   v = m.init(jax.random.key(0), images(), train=False)
-  out, aux = m.apply(v, images(), train=False, return_aux=True)
+  out, aux = model_lib.apply_with_aux(m, v, images(), train=False)
   np.testing.assert_array_equal(out, aux["tokens"][:, 0])
 
 
@@ -290,3 +291,133 @@ def test_model_and_loading_modules_import_no_tensorflow():
           "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')];"
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The causal mask (the pooling study's control) and the switches for imported checkpoints.
+
+
+def random_params(model, seed=3, size=16):
+  """Random values in the model's tree (LayerNorm and layer scales near 1, everything else non-zero)."""
+  rng = np.random.default_rng(seed)
+  def draw(path, s):
+    base = 1.0 if str(getattr(path[-1], "key", path[-1])) == "scale" else 0.0
+    return jnp.asarray(base + 0.2 * rng.normal(size=s.shape), jnp.float32)
+  return jax.tree_util.tree_map_with_path(draw, abstract_params(model, size))
+
+
+def test_causal_prepended_class_token_sees_only_itself_and_the_last_token_sees_the_image():
+  first = tiny(causal=True, num_classes=0)
+  p = random_params(first)
+  x1, x2 = images(seed=1), images(seed=2)
+  tokens = jax.jit(lambda p, x: model_lib.apply_with_aux(first, {"params": p}, x, train=False)[1]
+                   ["tokens"])
+  t1, t2 = tokens(p, x1), tokens(p, x2)
+  # Token 0 (the prepended class token) attends to itself only: the image cannot reach it.
+  np.testing.assert_array_equal(t1[:, 0], t2[:, 0])
+  # The last token attends to everything before it: it depends on the image.
+  assert not np.allclose(t1[:, -1], t2[:, -1], atol=1e-3)
+  # A prefix of the sequence does not depend on what comes after it: change only the last patch.
+  x3 = x1.at[:, -4:, -4:].set(0.5)
+  t3 = tokens(p, x3)
+  np.testing.assert_allclose(t3[:, :-1], t1[:, :-1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(t3[:, -1], t1[:, -1], atol=1e-4)
+  # With the bidirectional default the class token does see the image.
+  bidirectional = tiny(num_classes=0)
+  b = jax.jit(lambda p, x: bidirectional.apply({"params": p}, x, train=False))
+  assert not np.allclose(b(p, x1), b(p, x2), atol=1e-3)
+
+
+@pytest.mark.parametrize("option", [dict(attention_impl="xla"), dict(fuse_qkv=False),
+                                    dict(scan_layers=True)], ids=str)
+def test_causal_mask_is_the_same_on_every_path(option):
+  plain = tiny(causal=True, attention_impl="einsum")
+  p = random_params(plain)
+  want, aux = jax.jit(lambda p: model_lib.apply_with_aux(plain, {"params": p}, images(),
+                                                         train=False))(p)
+  # The probabilities are lower-triangular: no weight on a later token.
+  a = np.asarray(aux["attention"][0])
+  assert np.all(np.triu(a[0, 0], k=1) == 0) and np.allclose(a.sum(-1), 1, atol=1e-5)
+  other = tiny(causal=True, **option)
+  q = checkpoint.unrolled_to_scan(p) if option.get("scan_layers") else p
+  got = jax.jit(lambda p: other.apply({"params": p}, images(), train=False))(q)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_gelu_is_the_erf_form():
+  x = jnp.linspace(-4, 4, 33).reshape(1, 1, 33)
+  blk = model_lib.MlpBlock(mlp_dim=8, gelu_approximate=False)
+  v = blk.init(jax.random.key(0), x, deterministic=True)
+  p = v["params"]
+  h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  erf_gelu = 0.5 * h * (1 + jax.scipy.special.erf(h / np.sqrt(2)))
+  np.testing.assert_allclose(blk.apply(v, x, deterministic=True),
+                             erf_gelu @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], rtol=1e-5,
+                             atol=1e-6)
+  approx = model_lib.MlpBlock(mlp_dim=8).apply(v, x, deterministic=True)
+  assert not np.allclose(approx, blk.apply(v, x, deterministic=True), atol=1e-6)
+
+
+def test_switches_add_only_their_own_parameters():
+  base = flat_shapes(abstract_params(tiny(), 16))
+  on = flat_shapes(abstract_params(tiny(layerscale=True, pre_norm=True, fc_norm=True,
+                                        class_token_posemb=False), 16))
+  added, removed = sorted(set(on) - set(base)), sorted(set(base) - set(on))
+  assert added == sorted(
+      ["Transformer/pre_norm/bias", "Transformer/pre_norm/scale", "fc_norm/bias", "fc_norm/scale"]
+      + [f"Transformer/encoderblock_{i}/LayerScale_{j}/scale" for i in range(2) for j in range(2)])
+  assert removed == ["Transformer/encoder_norm/bias", "Transformer/encoder_norm/scale"]
+  assert on["Transformer/posembed_input/pos_embedding"] == (1, 16, 32)  # patches only
+  assert base["Transformer/posembed_input/pos_embedding"] == (1, 17, 32)
+  assert on["Transformer/encoderblock_0/LayerScale_1/scale"] == (32,)
+
+
+def _apply(model, p, x=None):
+  return jax.jit(lambda p: model.apply({"params": p}, images() if x is None else x, train=False))(p)
+
+
+def test_class_token_without_position_row_is_a_zero_row():
+  with_row = tiny(pool="cls")
+  p = random_params(with_row)
+  pe = p["Transformer"]["posembed_input"]["pos_embedding"]
+  p = {**p, "Transformer": {**p["Transformer"], "posembed_input": {
+      "pos_embedding": pe.at[:, 0].set(0.0)}}}
+  without = tiny(pool="cls", class_token_posemb=False, num_registers=2)
+  q = {**p, "registers": jnp.ones((1, 2, 32)),
+       "Transformer": {**p["Transformer"], "posembed_input": {"pos_embedding": pe[:, 1:]}}}
+  no_registers = tiny(pool="cls", class_token_posemb=False)
+  q0 = {k: v for k, v in q.items() if k != "registers"}
+  np.testing.assert_allclose(_apply(no_registers, q0), _apply(with_row, p), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(_apply(without, q), _apply(with_row, p), atol=1e-4)  # registers do matter
+
+
+def test_layerscale_of_one_and_fc_norm_after_class_pooling_are_the_plain_model():
+  plain = tiny()
+  p = random_params(plain)
+  scaled = tiny(layerscale=True)
+  ones = {f"LayerScale_{j}": {"scale": jnp.ones((32,))} for j in range(2)}
+  q = {**p, "Transformer": {**p["Transformer"], **{
+      f"encoderblock_{i}": {**p["Transformer"][f"encoderblock_{i}"], **ones} for i in range(2)}}}
+  np.testing.assert_allclose(_apply(scaled, q), _apply(plain, p), rtol=1e-5, atol=1e-5)
+  half = {f"LayerScale_{j}": {"scale": jnp.full((32,), 0.5)} for j in range(2)}
+  q_half = {**q, "Transformer": {**q["Transformer"], "encoderblock_0": {
+      **q["Transformer"]["encoderblock_0"], **half}}}
+  assert not np.allclose(_apply(scaled, q_half), _apply(plain, p), atol=1e-4)
+  # A LayerNorm applied per token and then the class token picked = picked, then normalised.
+  fc = tiny(fc_norm=True)
+  encoder = {k: v for k, v in p["Transformer"].items() if k != "encoder_norm"}
+  r = {**p, "Transformer": encoder, "fc_norm": p["Transformer"]["encoder_norm"]}
+  np.testing.assert_allclose(_apply(fc, r), _apply(plain, p), rtol=1e-5, atol=1e-5)
+
+
+def test_pre_norm_normalises_the_first_block_input():
+  pre = tiny(pre_norm=True, num_classes=0, pool="none")
+  p = random_params(pre)
+  without = tiny(num_classes=0, pool="none")
+  q = {**p, "Transformer": {k: v for k, v in p["Transformer"].items() if k != "pre_norm"}}
+  assert not np.allclose(_apply(without, q), _apply(pre, p), atol=1e-3)
+  # With a huge input scale, a model with pre_norm is invariant to rescaling the patch embedding.
+  big = {**p, "embedding": jax.tree.map(lambda a: 3.0 * a, p["embedding"])}
+  big["Transformer"] = {**p["Transformer"], "posembed_input": {
+      "pos_embedding": 3.0 * p["Transformer"]["posembed_input"]["pos_embedding"]}}
+  np.testing.assert_allclose(_apply(pre, big), _apply(pre, p), rtol=1e-4, atol=1e-4)

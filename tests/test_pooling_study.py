@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_cls.model import VisionTransformer
+from vit_cls.model import VisionTransformer, apply_with_aux
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,8 +93,8 @@ def test_appended_class_token_computes_the_prepended_models_function(registers):
                            "posembed_input": {"pos_embedding": jnp.concatenate([pe[:, 1:], pe[:, :1]], 1)}}
   assert jax.tree.structure(p_last) == jax.tree.structure(last.init(jax.random.key(0), x, train=False)["params"])
 
-  y1, aux1 = first.apply({"params": p}, x, train=False, return_aux=True)
-  y2, aux2 = last.apply({"params": p_last}, x, train=False, return_aux=True)
+  y1, aux1 = apply_with_aux(first, {"params": p}, x, train=False)
+  y2, aux2 = apply_with_aux(last, {"params": p_last}, x, train=False)
   np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(aux2["pre_logits"], aux1["pre_logits"], rtol=1e-5, atol=1e-5)
   # The token sequence and the attention maps are the same up to moving token 0 to the end

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_cls import checkpoint
 from vit_cls import model as model_lib
+from vit_cls import speed
 from tiny_model import images, tiny  # tests/tiny_model.py
 
 
@@ -74,10 +76,10 @@ def test_scan_matches_unrolled_outputs_and_gradients(remat_policy):
   params = perturbed_params(unrolled)
   want_loss, want_grads = loss_and_grads(unrolled, params)
   scanned = tiny(scan_layers=True, remat_policy=remat_policy)
-  got_loss, got_grads = loss_and_grads(scanned, model_lib.unrolled_to_scan(params))
+  got_loss, got_grads = loss_and_grads(scanned, checkpoint.unrolled_to_scan(params))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   # Gradients come back in the scanned layout; converted, they must match the unrolled ones.
-  assert_trees_close(model_lib.scan_to_unrolled(got_grads), want_grads, rtol=1e-4, atol=1e-5)
+  assert_trees_close(checkpoint.scan_to_unrolled(got_grads), want_grads, rtol=1e-4, atol=1e-5)
 
 
 def test_scan_and_unrolled_layouts_convert_exactly_both_ways():
@@ -89,29 +91,29 @@ def test_scan_and_unrolled_layouts_convert_exactly_both_ways():
   assert blk["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape == (2, 32, 4, 8)
   assert "encoderblock_0" not in scanned["Transformer"]
   # unrolled -> scan -> unrolled and scan -> unrolled -> scan are the identity, bit for bit.
-  for tree, there, back in ((unrolled, model_lib.unrolled_to_scan, model_lib.scan_to_unrolled),
-                            (scanned, model_lib.scan_to_unrolled, model_lib.unrolled_to_scan)):
+  for tree, there, back in ((unrolled, checkpoint.unrolled_to_scan, checkpoint.scan_to_unrolled),
+                            (scanned, checkpoint.scan_to_unrolled, checkpoint.unrolled_to_scan)):
     again = back(there(tree))
     assert jax.tree.structure(again) == jax.tree.structure(tree)
     jax.tree.map(np.testing.assert_array_equal, again, tree)
   # A converted scanned tree has the published structure and shapes, and runs in the unrolled model.
-  as_unrolled = model_lib.scan_to_unrolled(scanned)
+  as_unrolled = checkpoint.scan_to_unrolled(scanned)
   assert jax.tree.structure(as_unrolled) == jax.tree.structure(unrolled)
   assert jax.tree.map(jnp.shape, as_unrolled) == jax.tree.map(jnp.shape, unrolled)
   run = lambda m, p: jax.jit(lambda p: m.apply({"params": p}, images(), train=False))(p)
   np.testing.assert_allclose(run(unrolled_model, as_unrolled), run(scanned_model, scanned),
                              rtol=1e-5, atol=1e-6)
   # Also on a variables dict ({"params": ...}), and a no-op on a tree already in the target layout.
-  wrapped = model_lib.unrolled_to_scan({"params": unrolled})
+  wrapped = checkpoint.unrolled_to_scan({"params": unrolled})
   assert "encoderblock" in wrapped["params"]["Transformer"]
-  assert model_lib.scan_to_unrolled(unrolled) is unrolled
-  assert model_lib.unrolled_to_scan(scanned) is scanned
+  assert checkpoint.scan_to_unrolled(unrolled) is unrolled
+  assert checkpoint.unrolled_to_scan(scanned) is scanned
 
 
 def test_scan_returns_per_layer_attention_weights():
   m = tiny(scan_layers=True, num_layers=3)
   v = jax.jit(lambda k: m.init(k, images(), train=False))(jax.random.key(0))
-  _, aux = jax.jit(lambda v, x: m.apply(v, x, train=False, return_aux=True))(v, images())
+  _, aux = jax.jit(lambda v, x: model_lib.apply_with_aux(m, v, x, train=False))(v, images())
   assert len(aux["attention"]) == 3 and aux["attention"][0].shape == (2, 4, 17, 17)
 
 
@@ -165,17 +167,17 @@ def test_apply_in_chunks_gives_the_outputs_in_input_order_and_the_same_gradients
   x = images(n=6)
   want = m.apply({"params": params}, x, train=False)
   for chunks in (2, 3):
-    got = model_lib.apply_in_chunks(m, {"params": params}, x, chunks, train=False)
+    got = speed.apply_in_chunks(m, {"params": params}, x, chunks, train=False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # row i is still example i
-  loss = lambda p, k: jnp.sum(jnp.sin(model_lib.apply_in_chunks(m, {"params": p}, x, k, train=False)))
+  loss = lambda p, k: jnp.sum(jnp.sin(speed.apply_in_chunks(m, {"params": p}, x, k, train=False)))
   g1, g3 = (jax.jit(jax.grad(loss), static_argnums=1)(params, k) for k in (1, 3))
   assert_trees_close(g3, g1, rtol=1e-4, atol=1e-5)
   # Dropout: each chunk draws its own masks (rngs folded with the chunk index), not one shared mask.
   drop = tiny(dropout_rate=0.5, num_classes=0)
   dparams = perturbed_params(drop)
   same = jnp.concatenate([images(n=1)] * 2)
-  out = model_lib.apply_in_chunks(drop, {"params": dparams}, same, 2, train=True,
+  out = speed.apply_in_chunks(drop, {"params": dparams}, same, 2, train=True,
                                   rngs={"dropout": jax.random.key(0)})
   assert not np.allclose(out[0], out[1])
   with pytest.raises(ValueError, match="batch_chunks=4 does not divide the batch of 6"):
-    model_lib.apply_in_chunks(m, {"params": params}, x, 4, train=False)
+    speed.apply_in_chunks(m, {"params": params}, x, 4, train=False)

@@ -206,7 +206,6 @@ def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
   """`config.init_from` converts in the published layout; a `scan_layers` model gets the blocks stacked."""
   import types  # pylint: disable=g-import-not-at-top
   from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_cls import model as model_lib  # pylint: disable=g-import-not-at-top
   tiny_config.model.num_layers = 2
   size = tiny_config.image_size
   source = train.create_model(tiny_config, 10).init(
@@ -220,7 +219,7 @@ def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
   state, _ = train.init_state(model, tx, tiny_config, sharding.create_mesh())
   assert "encoderblock" in state.params["Transformer"]
   state = train.initialise_from(state, tiny_config, types.SimpleNamespace(info=lambda _: None))
-  got = model_lib.scan_to_unrolled(jax.device_get(state.params))
+  got = checkpoint.scan_to_unrolled(jax.device_get(state.params))
   for i in range(2):
     _assert_trees_close(got["Transformer"][f"encoderblock_{i}"],
                         source["Transformer"][f"encoderblock_{i}"], rtol=0, atol=0)

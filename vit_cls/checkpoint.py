@@ -1,6 +1,6 @@
 """Reading and writing ViT parameters: the published `.npz` format, and this project's orbax checkpoints.
 
-Two kinds of file hold parameters (shared/DESIGN.md, section 2):
+Two kinds of file hold parameters (the tree and the naming: docs/ARCHITECTURE.md):
 
 * a published `.npz`: a flat `np.savez` of `/`-joined parameter paths, no optimizer state, no model
   config. The 2020 files number the sub-modules of an encoder block across classes (pre-linen Flax):
@@ -81,6 +81,53 @@ def plain(tree: Any) -> Any:
   return tree
 
 
+def _encoder_scope(tree: dict) -> dict:
+  """The `Transformer` dict of a params tree, or of a variables dict holding one under "params"."""
+  return tree["params"]["Transformer"] if "params" in tree and "Transformer" not in tree else tree["Transformer"]
+
+
+def _with_encoder(tree: dict, transformer: dict) -> dict:
+  """`tree` with its `Transformer` dict replaced (shallow copies: the input tree is left unchanged)."""
+  if "params" in tree and "Transformer" not in tree:
+    return {**tree, "params": {**tree["params"], "Transformer": transformer}}
+  return {**tree, "Transformer": transformer}
+
+
+def scan_to_unrolled(params: dict) -> dict:
+  """Layer-scan layout (`Transformer/encoderblock/...`, a leading layer axis) -> published layout.
+
+  A model built with `scan_layers=True` stores its blocks stacked; checkpoints, `.npz` files and every
+  reader get `encoderblock_{i}`. Exact: layer i's arrays are the slices `[i]`. Works on a params tree, a
+  variables dict holding one under "params", or any tree of the same structure (optimizer moments). A
+  tree that is already unrolled is returned unchanged.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  encoder = _encoder_scope(params)
+  if "encoderblock" not in encoder:
+    return params
+  stacked = encoder["encoderblock"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  unrolled = {k: v for k, v in encoder.items() if k != "encoderblock"}
+  for i in range(num_layers):
+    unrolled[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return _with_encoder(params, unrolled)
+
+
+def unrolled_to_scan(params: dict) -> dict:
+  """Published layout (`Transformer/encoderblock_{i}/...`) -> layer-scan layout (stacked on axis 0). Exact."""
+  encoder = _encoder_scope(params)
+  names = sorted((k for k in encoder if k.startswith("encoderblock_")),
+                 key=lambda k: int(k.split("_")[1]))
+  if not names:
+    return params
+  if [int(n.split("_")[1]) for n in names] != list(range(len(names))):
+    raise ValueError(f"encoder blocks are not numbered 0..{len(names) - 1}: {names}")
+  stacked = {k: v for k, v in encoder.items() if not k.startswith("encoderblock_")}
+  import jax  # pylint: disable=g-import-not-at-top
+  stacked["encoderblock"] = jax.tree.map(lambda *a: jax.numpy.stack(a), *(encoder[n] for n in names))
+  return _with_encoder(params, stacked)
+
+
 def _split_numbered(name: str) -> tuple[str, int] | None:
   m = _NUMBERED_RE.fullmatch(name)
   return (m.group(1), int(m.group(2))) if m else None
@@ -135,7 +182,7 @@ def _rename_blocks(params: Params, fn) -> Params:
 
 
 def to_linen_naming(params: Params) -> Params:
-  """Any accepted naming -> the linen naming of DESIGN section 2 (identity on linen trees)."""
+  """Any accepted naming -> the linen naming of docs/ARCHITECTURE.md (identity on linen trees)."""
   return _rename_blocks(params, _renumber_block_to_linen)
 
 
@@ -328,7 +375,6 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   if problem is not None:
     raise ValueError(f"{state_dir}: cannot read params from the orbax checkpoint ({problem}); "
                      f"pass another step directory to load that step instead.")
-  from vit_cls.model import scan_to_unrolled  # pylint: disable=g-import-not-at-top
   # A run trained with `scan_layers` stores its blocks stacked; readers get the published layout.
   params = scan_to_unrolled(to_linen_naming(plain(restored["params"])))
 
@@ -500,7 +546,6 @@ def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
                      f"(not a square grid); give the image size: image_size=(height, width), or --image_size HxW.")
   model = build_model(config)
   if model.scan_layers:  # trained with, or asked for, layer scan: the blocks stacked again
-    from vit_cls.model import unrolled_to_scan  # pylint: disable=g-import-not-at-top
     params = unrolled_to_scan(params)
   check_param_shapes(params, abstract_params(model, image_size), got_from=f"checkpoint {path}",
                      want_from="model built from its config",

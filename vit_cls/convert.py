@@ -1,6 +1,6 @@
 """A trained checkpoint -> the initial params of a fine-tuning run (a new head, a new resolution).
 
-Fine-tuning keeps the whole encoder and changes only what the new task changes (DESIGN section 2):
+Fine-tuning keeps the whole encoder and changes only what the new task changes (docs/ARCHITECTURE.md):
 
 * `head`: the target's fresh zero-initialised head whenever the source head cannot serve (another number
   of classes, another input width), the source head otherwise (or always fresh with `reset_head`);

@@ -23,11 +23,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vit_cls import checkpoint
 from vit_cls import input_pipeline
 from vit_cls import metrics_log
-from vit_cls import model as model_lib
 from vit_cls import optim
 from vit_cls import sharding
+from vit_cls import speed
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -97,7 +98,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, config, n
   chunks = config.get("batch_chunks", 1)
 
   def loss_fn(params, images, labels, dropout_rng):
-    logits = model_lib.apply_in_chunks(model, {"params": params}, images, chunks, train=True,
+    logits = speed.apply_in_chunks(model, {"params": params}, images, chunks, train=True,
                                        rngs={"dropout": dropout_rng})
     loss = cross_entropy(logits, labels, num_classes, config.get("label_smoothing", 0.0)).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -503,11 +504,11 @@ def initialise_from(state: TrainState, config, logger) -> TrainState:
                      f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
-      config.init_from, model_lib.scan_to_unrolled(sharding.to_host(state.params)),
+      config.init_from, checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
       patch_size=tuple(config.model.patch_size), image_size=config.image_size,
       class_token_position=config.model.class_token_position)
   if config.model.get("scan_layers", False):
-    params = model_lib.unrolled_to_scan(params)
+    params = checkpoint.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)
@@ -531,7 +532,7 @@ def check_init_from(config, model) -> None:
                                              train=False))["params"]
   stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), shapes)
   try:
-    convert.init_from_checkpoint(path, model_lib.scan_to_unrolled(stand_ins),
+    convert.init_from_checkpoint(path, checkpoint.scan_to_unrolled(stand_ins),
                                  patch_size=tuple(config.model.patch_size),
                                  image_size=config.image_size,
                                  class_token_position=config.model.class_token_position)

@@ -44,7 +44,7 @@ def class_token_index(model, num_patches: int) -> int:
     raise ValueError(
         f"the model has no class token (pool={model.pool!r}); the class token's attention exists only "
         f"for pool='cls' checkpoints. Train with --config.model.pool=cls, or inspect "
-        f"aux['attention'] from model.apply(..., return_aux=True) yourself.")
+        f"aux['attention'] from vit_cls.model.apply_with_aux(model, variables, images) yourself.")
   return 0 if model.class_token_position == "first" else num_patches
 
 
@@ -78,7 +78,8 @@ def class_token_attention(model, params, image: np.ndarray) -> dict:
   gh, gw = h // ph, w // pw
   cls = class_token_index(model, gh * gw)
   patches = np.arange(gh * gw) + (1 if cls == 0 else 0)  # the patch tokens' sequence positions
-  logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, return_aux=True))(
+  from vit_cls.model import apply_with_aux  # pylint: disable=g-import-not-at-top
+  logits, aux = jax.jit(lambda p, x: apply_with_aux(model, {"params": p}, x, train=False))(
       params, jnp.asarray(image[None], jnp.float32))
   attention = [np.asarray(a[0], np.float64) for a in aux["attention"]]  # [heads, tokens, tokens] each
   last = attention[-1][:, cls, patches]

@@ -1,0 +1,197 @@
+"""How the model's products are computed: attention paths, the QKV projection, bfloat16 matmuls, chunking.
+
+`vit_cls/model.py` says *what* the Vision Transformer computes; this module holds the ways of computing the
+same function faster on one kind of hardware or another. Every option here is tested to give the same
+outputs and gradients as the plain path (tests/test_speed_options.py), and BENCHMARKS.md says what each one
+is worth on the machines it was measured on.
+
+Imports only jax (and flax for `apply_in_chunks`'s type), like the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ATTENTION_IMPLS = ("fused", "einsum", "cudnn", "xla")
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention.
+
+
+def _use_cudnn(dtype) -> bool:
+  """Whether `fused` means cuDNN's kernel: on a GPU, in half precision (it has no float32 kernels)."""
+  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def tokens_first(impl: str, dtype) -> bool:
+  """Whether `impl` computes attention through `jax.nn.dot_product_attention` ([b, t, heads, hd] arrays)."""
+  return impl in ("cudnn", "xla") or (impl == "fused" and _use_cudnn(dtype))
+
+
+def attention(q: Array, k: Array, v: Array, *, impl: str, causal: bool = False,
+              probs_fn: Callable[[Array], Array] | None = None, need_probs: bool = False,
+              matmul_dtype: Any = None) -> tuple[Array, Array | None]:
+  """softmax(q k^T / sqrt(d) [+ causal mask]) v over [batch, tokens, heads, head_dim] arrays.
+
+  Returns (output [b, tq, heads, hd], probabilities [b, heads, tq, tk] or None). The probabilities exist
+  only on the explicit path, which is taken whenever they are needed (`need_probs`, or `probs_fn`: dropout
+  on the probabilities). Paths:
+  * `einsum`, and `fused` off a GPU: the explicit product, heads-first: both products are plain batched
+    matmuls over (batch, heads), the layout XLA's CPU backend runs fast (the original's heads-last einsums
+    make it transpose around every product).
+  * `cudnn`: cuDNN's flash-attention kernel (GPU, half precision); `fused` picks it where it applies.
+  * `xla`: XLA's generic attention (`jax.nn.dot_product_attention`, heads-last).
+  """
+  if tokens_first(impl, q.dtype) and not (need_probs or probs_fn is not None):
+    kernel = "cudnn" if impl in ("cudnn", "fused") else "xla"
+    if impl == "fused":
+      try:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel), None
+      except (NotImplementedError, ValueError, RuntimeError):
+        pass  # shapes or cuDNN version not supported: fall through to the explicit product
+    else:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel), None
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, heads, t, hd]
+  mm = lambda a, b: matmul(a, b, matmul_dtype=matmul_dtype)
+  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  logits = mm(q * scale, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)  # [b, heads, tq, tk]
+  if causal:
+    tq, tk = logits.shape[-2:]
+    allowed = jnp.arange(tk)[None, :] <= jnp.arange(tq)[:, None] + (tk - tq)
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  used = probs if probs_fn is None else probs_fn(probs)
+  out = mm(used.astype(v.dtype), v)
+  return jnp.swapaxes(out, 1, 2), probs
+
+
+def qkv_projection(x: Array, projections, *, fuse: bool, dtype, matmul_dtype=None) -> Array:
+  """[b, t, D] -> [b, t, 3, heads, hd] from the stored (kernel (D, heads, hd), bias (heads, hd)) triple.
+
+  `fuse`: one [D, 3 * heads * hd] product instead of three (a bigger matmul, one read of x); the stored
+  parameters stay three separate projections, as in the original.
+  """
+  b, t, d = x.shape
+  n, h = projections[0][1].shape
+  x2 = x.astype(dtype).reshape(b * t, d)
+  if fuse:
+    w = jnp.concatenate([w for w, _ in projections], axis=1).reshape(d, 3 * n * h).astype(dtype)
+    bias = jnp.concatenate([b_ for _, b_ in projections], axis=0).reshape(3 * n * h).astype(dtype)
+    return (matmul(x2, w, matmul_dtype=matmul_dtype) + bias).reshape(b, t, 3, n, h)
+  return jnp.stack([(matmul(x2, w.reshape(d, n * h).astype(dtype), matmul_dtype=matmul_dtype)
+                     + b_.reshape(n * h).astype(dtype)).reshape(b, t, n, h)
+                    for w, b_ in projections], axis=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matmuls with bfloat16 operands and float32 products.
+
+
+def matmul(x: Array, w: Array, *, matmul_dtype=None) -> Array:
+  """x @ w; with `matmul_dtype` (bfloat16), operands in that dtype and a float32 product."""
+  if matmul_dtype is None or jnp.dtype(matmul_dtype) == x.dtype:
+    return jnp.matmul(x, w)
+  if jnp.dtype(matmul_dtype) != jnp.bfloat16:
+    raise ValueError(f"matmul_dtype={matmul_dtype!r}: only bfloat16 (or None) is supported")
+  return _mm_bf16_f32(x, w).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _mm_bf16_f32(x: Array, w: Array) -> Array:
+  """x @ w (x [..., K], w [K, N] or batched like x) with bfloat16 operands and a float32 product.
+
+  On a CPU with AVX512-BF16, XLA runs a bfloat16 x bfloat16 -> float32 product faster than a float32 one,
+  but a bfloat16 -> bfloat16 product no faster; and the autodiff transpose of a mixed product falls back to
+  float32. This keeps all three products of the forward and backward pass in the fast form: the incoming
+  gradient is rounded to bfloat16 before each backward product.
+  """
+  return jnp.matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _mm_bf16_f32_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # Zero-size arrays carry the primal dtypes (residuals must be arrays).
+  return (jnp.matmul(xb, wb, preferred_element_type=jnp.float32),
+          (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype)))
+
+
+def _mm_bf16_f32_bwd(res, g):
+  xb, wb, x_like, w_like = res
+  gb = g.astype(jnp.bfloat16)
+  dx = jnp.matmul(gb, jnp.swapaxes(wb, -1, -2), preferred_element_type=jnp.float32)
+  if wb.ndim == 2 and xb.ndim > 2:  # a weight: contract over every leading dim of x
+    k, n = wb.shape
+    dw = jnp.matmul(xb.reshape(-1, k).T, gb.reshape(-1, n), preferred_element_type=jnp.float32)
+  else:
+    dw = jnp.matmul(jnp.swapaxes(xb, -1, -2), gb, preferred_element_type=jnp.float32)
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_mm_bf16_f32.defvjp(_mm_bf16_f32_fwd, _mm_bf16_f32_bwd)
+
+
+def dense_dot_general(matmul_dtype):
+  """A `dot_general` for `nn.Dense` that routes its product through `matmul` (None: flax's default)."""
+  if matmul_dtype is None:
+    return None
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    del precision, preferred_element_type
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb:
+      return jax.lax.dot_general(lhs, rhs, dimension_numbers)
+    return matmul(lhs, rhs, matmul_dtype=matmul_dtype)
+  return dot_general
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: rematerialisation.
+
+
+def checkpoint_policy(remat_policy: str):
+  """The `jax.checkpoint` policy of a `remat_policy` name; None means "save nothing" (recompute all).
+
+  `block`: each encoder block keeps only its input for the backward pass and recomputes everything else
+  (least memory, about one extra forward pass of compute). `dots`: the block also keeps the outputs of its
+  weight matmuls (QKV, out, MLP; dots without batch dimensions) and recomputes only the cheap element-wise
+  work and the attention core, whose [batch, heads, tokens, tokens] arrays are the largest activations.
+  """
+  if remat_policy == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked batches (CPU).
+
+
+def apply_in_chunks(model, variables, images: Array, chunks: int, *, rngs=None, **kwargs):
+  """`model.apply(variables, images, ...)` computed as `chunks` independent parts of the batch.
+
+  The same function (outputs in the input order; with dropout, chunk j draws from its rngs folded
+  with j), split for speed on a CPU: XLA's CPU runtime runs independent operations concurrently, and
+  two independent half-batch chains can keep 2 cores busier than one chain whose small ops each use
+  them poorly. Pointless on an accelerator. Chunk j takes every chunks-th example (j, j + chunks, ...),
+  so a batch sharded over devices splits without moving data when each device's share is divisible by
+  `chunks`.
+  """
+  if chunks == 1:
+    return model.apply(variables, images, rngs=rngs, **kwargs)
+  n = images.shape[0]
+  if chunks < 1 or n % chunks:
+    raise ValueError(f"batch_chunks={chunks} does not divide the batch of {n}: use a divisor of {n}.")
+  strided = images.reshape((n // chunks, chunks) + images.shape[1:])
+  outs = []
+  for j in range(chunks):
+    chunk_rngs = None if rngs is None else {k: jax.random.fold_in(r, j) for k, r in rngs.items()}
+    outs.append(model.apply(variables, strided[:, j], rngs=chunk_rngs, **kwargs))
+  out = jnp.stack(outs, axis=1)
+  return out.reshape((n,) + out.shape[2:])
