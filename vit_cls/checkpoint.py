@@ -1,13 +1,12 @@
-"""Reading and writing ViT parameters: the published `.npz` format, and this project's orbax checkpoints.
+"""Which format a path holds, this project's orbax checkpoints, and `load`.
 
-Two kinds of file hold parameters (the tree and the naming: docs/ARCHITECTURE.md):
+Parameters come from (the tree and the naming: docs/ARCHITECTURE.md):
 
-* a published `.npz`: a flat `np.savez` of `/`-joined parameter paths, no optimizer state, no model
-  config. The 2020 files number the sub-modules of an encoder block across classes (pre-linen Flax):
-  `LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3`; later files and this project use
-  the linen numbering, per class: `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`.
-  Loading accepts both; export writes the pre-linen numbering because that is what third-party loaders
-  (timm's npz loader, for one) expect. The architecture is inferred from the array shapes.
+* a published `.npz` (vit_cls/formats/npz.py: names, reading, writing; re-exported here as `load_npz`,
+  `save_npz`, `to_linen_naming`, `to_prelinen_naming`). Without a recorded config, the architecture is
+  inferred from the array shapes (`infer_model_config`);
+* a timm or Hugging Face ViT checkpoint in safetensors: a file, a model folder, or a hub id in the local
+  Hugging Face cache (vit_cls/formats/timm.py, hf.py: the architecture from the tensors and config.json);
 * a training checkpoint: `workdir/checkpoints/<step>/{state,meta}` written by an orbax `CheckpointManager`;
   `state` holds params and optimizer state, `meta` a JSON dict with the model config, image size and label
   names. Only the params are read back, so loading needs neither the optimizer nor its structure.
@@ -22,63 +21,23 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
-Params = dict  # nested {name: {name: ... np.ndarray}}
+# The format modules hold the tree helpers and the npz format; re-exported: callers use them from here.
+from vit_cls.formats.common import Params, first_line as _first_line, flatten, plain, unflatten  # pylint: disable=g-bad-import-order
+from vit_cls.formats.npz import (load_npz, read_npz, save_npz, to_linen_naming,  # pylint: disable=g-bad-import-order
+                                 to_prelinen_naming)
 
-# The sub-modules of one encoder block, in the order they are created (= pre-linen global numbering).
-_BLOCK_ORDER = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
 _BLOCK_RE = re.compile(r"encoderblock_\d+")
-_NUMBERED_RE = re.compile(r"(.+)_(\d+)")
 # Keys of a stored model config that are not `VisionTransformer` fields but describe the checkpoint.
 _NON_MODEL_KEYS = ("image_size",)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tree helpers
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}: the npz key format, and an easy way to compare two trees."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any], *, source: str = "parameters") -> Params:
-  """{'a/b': x} -> {'a': {'b': x}}; a key that is both a leaf and a prefix of another is an error."""
-  tree: dict = {}
-  for path, value in flat.items():
-    parts = path.split("/")
-    if not all(parts):
-      raise ValueError(f"{source}: bad parameter name {path!r} (empty path component).")
-    node = tree
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise ValueError(f"{source}: parameter {path!r} lies under another parameter's name.")
-    if parts[-1] in node:
-      raise ValueError(f"{source}: parameter {path!r} is given twice (or is also a sub-tree).")
-    node[parts[-1]] = value
-  return tree
-
-
-def plain(tree: Any) -> Any:
-  """FrozenDicts / `{'params': ...}` variable dicts -> the plain nested-dict params tree."""
-  if isinstance(tree, Mapping):
-    tree = {k: plain(v) for k, v in tree.items()}
-    if set(tree) == {"params"} and isinstance(tree["params"], dict):
-      tree = tree["params"]
-  return tree
+# Layer-scan layout
 
 
 def _encoder_scope(tree: dict) -> dict:
@@ -128,69 +87,6 @@ def unrolled_to_scan(params: dict) -> dict:
   return _with_encoder(params, stacked)
 
 
-def _split_numbered(name: str) -> tuple[str, int] | None:
-  m = _NUMBERED_RE.fullmatch(name)
-  return (m.group(1), int(m.group(2))) if m else None
-
-
-def _renumber_block_to_linen(block: dict) -> dict:
-  """Pre-linen (numbered across classes) -> linen (numbered per class) names of one encoder block.
-
-  Pre-linen numbers are distinct across the block (0..k-1, in creation order); linen numbers restart at 0
-  for every class, so with two or more children some repeat. That tells the two apart without guessing;
-  linen names come back unchanged.
-  """
-  numbered = {k: _split_numbered(k) for k in block}
-  if len(block) < 2 or any(v is None for v in numbered.values()):
-    return dict(block)
-  indices = [i for _, i in numbered.values()]
-  if len(set(indices)) != len(indices):
-    return dict(block)  # already per-class
-  counters: dict[str, int] = {}
-  out = {}
-  for name in sorted(block, key=lambda k: numbered[k][1]):
-    cls = numbered[name][0]
-    out[f"{cls}_{counters.get(cls, 0)}"] = block[name]
-    counters[cls] = counters.get(cls, 0) + 1
-  return out
-
-
-def _renumber_block_to_prelinen(block: dict) -> dict:
-  """Linen -> pre-linen names of one encoder block: creation order, one counter across classes."""
-  known = [k for k in _BLOCK_ORDER if k in block]
-  rest = sorted((k for k in block if k not in _BLOCK_ORDER),
-                key=lambda k: (_split_numbered(k) or (k, 0)))
-  out = {}
-  for i, name in enumerate(known + rest):
-    parsed = _split_numbered(name)
-    if parsed is None:
-      out[name] = block[name]
-    else:
-      out[f"{parsed[0]}_{i}"] = block[name]
-  return out
-
-
-def _rename_blocks(params: Params, fn) -> Params:
-  params = dict(params)
-  if isinstance(params.get("Transformer"), dict):
-    enc = dict(params["Transformer"])
-    for name, block in enc.items():
-      if _BLOCK_RE.fullmatch(name) and isinstance(block, dict):
-        enc[name] = fn(block)
-    params["Transformer"] = enc
-  return params
-
-
-def to_linen_naming(params: Params) -> Params:
-  """Any accepted naming -> the linen naming of docs/ARCHITECTURE.md (identity on linen trees)."""
-  return _rename_blocks(params, _renumber_block_to_linen)
-
-
-def to_prelinen_naming(params: Params) -> Params:
-  """Linen naming -> the 2020 pre-linen naming that the published files (and timm) use."""
-  return _rename_blocks(to_linen_naming(params), _renumber_block_to_prelinen)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Shape checks
 
@@ -225,98 +121,6 @@ def check_param_shapes(params: Mapping, expected: Mapping, *, got_from: str = "c
     more = f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
     raise ValueError(f"{got_from} does not match the {want_from}: {problems[0]}{more}"
                      + (f"; {hint}" if hint else "."))
-
-
-# ----------------------------------------------------------------------------------------------------
-# npz
-
-
-def load_npz(path: str | os.PathLike) -> Params:
-  """A published-format `.npz` -> nested params dict in linen naming (numpy arrays).
-
-  `allow_pickle=False` always: an npz is a zip of `.npy` files, and a pickled object array inside one
-  would run code on load. Anything that is not such a file fails with one ValueError naming it.
-  """
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file.")
-  if os.path.isdir(path):
-    raise ValueError(f"{path}: is a directory, not an .npz file.")
-  problem = None
-  flat = {}
-  with open(path, "rb") as f:
-    magic = f.read(6)
-  data = None
-  if magic.startswith(b"\x93NUMPY"):
-    problem = "a single .npy array, not an .npz archive"
-  elif not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-    # Checked before np.load: anything else would reach numpy's pickle branch (refused, but with a
-    # message that suggests unpickling the file).
-    problem = "not a zip archive"
-  else:
-    try:
-      data = np.load(path, allow_pickle=False)
-    except Exception as e:  # pylint: disable=broad-except
-      problem = _first_line(e)
-  if data is not None and not isinstance(data, np.lib.npyio.NpzFile):
-    problem = "a single .npy array, not an .npz archive"
-  elif data is not None:
-    try:
-      with data:
-        for key in data.files:
-          value = data[key]
-          if value.dtype.kind not in "biuf":
-            raise TypeError(f"array {key!r} has non-numeric dtype {value.dtype}")
-          flat[key] = value
-    except Exception as e:  # pylint: disable=broad-except
-      # A damaged archive fails in zipfile/zlib/numpy's format parser: all mean "not readable".
-      problem = _first_line(e)
-      if "pickle" in problem:
-        problem = "it holds pickled object arrays, which are never loaded"
-  if problem is not None:
-    raise ValueError(f"{path}: not a readable ViT .npz parameter file ({problem}); expected a flat "
-                     f"np.savez of '/'-joined parameter names.") from None
-  if not flat:
-    raise ValueError(f"{path}: the .npz file holds no arrays.")
-  if all(k.startswith("params/") for k in flat):
-    flat = {k[len("params/"):]: v for k, v in flat.items()}
-  return to_linen_naming(unflatten(flat, source=path))
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
-def save_npz(params: Mapping, path: str | os.PathLike) -> None:
-  """Writes params as a published-format `.npz`: flat, '/'-joined, pre-linen block naming, no prefix.
-
-  Written to a temporary file in the same directory and renamed into place, so a reader (or a crash)
-  never sees half a file. Non-numpy float types (bfloat16) are stored as float32, which every npz reader
-  understands.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  path = os.fspath(path)
-  flat = {}
-  for key, value in flatten(to_prelinen_naming(plain(dict(params)))).items():
-    value = np.asarray(jax.device_get(value))
-    if value.dtype.kind == "V" or value.dtype.name == "bfloat16":
-      value = value.astype(np.float32)
-    flat[key] = value
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,18 +196,29 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   return params, meta
 
 
-def restore_params(path: str | os.PathLike) -> tuple[Params, dict | None]:
-  """Params (nested dict of numpy arrays, linen naming) and meta (None for an `.npz`) from any source.
+def restore_params(path: str | os.PathLike, hints: Mapping | None = None) -> tuple[Params, dict | None]:
+  """Params (nested dict of numpy arrays, linen naming) and meta (None for an `.npz` without a record).
 
-  `path`: an `.npz` file, a training workdir, its `checkpoints` directory (the latest step is read) or
-  one step directory. Always in the published layout (`encoderblock_{i}`), also for a run trained with
-  `scan_layers` (stacked blocks in its checkpoints).
+  `path`: an `.npz` file, a training workdir, its `checkpoints` directory (the latest step is read), one
+  step directory, a timm or Hugging Face `.safetensors` file or model folder, or the hub id of a model
+  in the local Hugging Face cache (`google/vit-base-patch16-224`, `timm/<model>`; never downloaded). Always in the published layout (`encoderblock_{i}`), also for a run trained with
+  `scan_layers` (stacked blocks in its checkpoints). `hints`: model fields for foreign files that lack a
+  config (`num_heads`, `layernorm_epsilon`, ...; see `vit_cls.formats.read`).
   """
+  from vit_cls import formats  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file or directory.")
+    cached = formats.find_in_hub_cache(path)
+    if cached is None:
+      raise FileNotFoundError(f"{path}: no such file or directory (nor a model id in the local Hugging "
+                              f"Face cache {formats.hub_cache_dir()}).")
+    path = cached
+  imported = formats.read(path, dict(hints or {}))
+  if imported is not None:
+    return imported.params, imported.meta(path)
   if os.path.isfile(path):
-    return load_npz(path), None
+    params, record = read_npz(path)
+    return params, (None if record is None else {"model": record, "image_size": record.get("image_size")})
   return _restore_orbax(_find_step_dir(os.path.abspath(path)))  # orbax wants absolute paths
 
 
@@ -525,6 +340,9 @@ class LoadedCheckpoint:
   image_size: Any  # int or (h, w)
   label_names: list | None
   meta: dict | None  # None for an .npz
+  # What the model expects of an image: mean/std of [0, 1] pixels, interpolation, crop_pct (None: resize
+  # the whole image); this project's own: [-1, 1] pixels, a plain resize (vit_cls.formats).
+  preprocessing: dict | None = None
 
 
 def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
@@ -532,7 +350,7 @@ def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  params, meta = restore_params(path)
+  params, meta = restore_params(path, overrides)
   if meta and isinstance(meta.get("model"), Mapping):
     config = dict(meta["model"])
     config.setdefault("image_size", meta.get("image_size"))
@@ -553,8 +371,10 @@ def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
                           "convert it with vit_cls.convert")
   params = jax.tree.map(jnp.asarray, params)
   label_names = list(meta["label_names"]) if meta and meta.get("label_names") else None
+  from vit_cls.formats import OWN_PREPROCESSING  # pylint: disable=g-import-not-at-top
+  preprocessing = dict((meta or {}).get("preprocessing") or OWN_PREPROCESSING)
   return LoadedCheckpoint(model=model, params=params, config=config, image_size=image_size,
-                          label_names=label_names, meta=meta)
+                          label_names=label_names, meta=meta, preprocessing=preprocessing)
 
 
 def load(path: str | os.PathLike, **overrides):
