@@ -69,7 +69,7 @@ FLAGS = flags.FLAGS
 
 
 def _fail(message: str, now: bool = False) -> None:
-  """A wrong input costs one line on stderr and exit status 1, not a traceback.
+  """A wrong input costs one line on stderr and exit status 1, not a traceback (bugs keep theirs).
 
   `now`: leave without the interpreter's shutdown, in which background threads (the writers of a save
   that failed) would print tracebacks of their own under the one line. Everything of value is on disk
@@ -152,6 +152,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
   _import_tensorflow_without_keras()
+  from vit_cls import errors  # pylint: disable=g-import-not-at-top
   from vit_cls import sharding  # pylint: disable=g-import-not-at-top
   from vit_cls import train  # pylint: disable=g-import-not-at-top
   try:
@@ -159,9 +160,11 @@ def main(argv):
                                           FLAGS.process_id)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     _exit_without_teardown.succeeded = True
-  except (ValueError, OSError, FloatingPointError, train.CheckpointError) as e:
-    # Bad configs, missing or unreadable data, wrong or damaged checkpoints, a full disk, NaN: all
-    # raised with a one-line message that names the problem and the fix.
+  except errors.VitClsError as e:
+    # Bad configs, missing or unreadable data, wrong or damaged checkpoints, a full or failing disk,
+    # NaN: raised as the project's error types with a one-line message that names the problem and
+    # the fix. Anything else (a ValueError from a shape bug in a model, say) is a bug: absl prints
+    # its traceback.
     _fail(str(e), now=True)
 
 

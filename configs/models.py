@@ -2,7 +2,10 @@
 and `testing` (a tiny model for tests and CPU demos).
 
 Training configs take one of these as `config.model` and may override any field (pool, representation
-size, dropout, dtype, ...); `vit_cls.train` passes the fields to `VisionTransformer` unchanged.
+size, dropout, dtype, ...); `vit_cls.train` passes the fields to `VisionTransformer` unchanged. Every
+field of `VisionTransformer` but `num_classes` (the dataset's) is here, at the model's own default, so
+that `--config.model.FIELD=...` reaches it (the command line refuses fields a config does not have);
+`tests/test_configs.py` checks that none is missing. README.md's model table says what each one does.
 
     python train.py --config=configs/default.py --config.model.pool=gap
 """
@@ -28,10 +31,22 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
       representation_size=ml_collections.config_dict.placeholder(int),
       num_registers=0,
       class_token_position="first",
+      head_bias_init=0.0,
+      # Switches for imported checkpoints (timm, Hugging Face, CLIP); the defaults are the original ViT.
+      causal=False,
+      gelu_approximate=True,
+      layernorm_epsilon=1e-6,
+      class_token_posemb=True,
+      layerscale=False,
+      pre_norm=False,
+      fc_norm=False,
+      # Speed and memory: the same function, computed differently.
       dtype="float32",
+      matmul_dtype=ml_collections.config_dict.placeholder(str),
       attention_impl="fused",
       fuse_qkv=True,
       remat_policy="none",
+      scan_layers=False,  # blocks under nn.scan: stacked parameters, converted to the published layout
   ))
 
 

@@ -7,6 +7,7 @@ and what the program does. Helpers (child processes, pauses inside saves, corrup
 tests/fault_harness.py.
 """
 
+import errno
 import json
 import os
 import re
@@ -22,7 +23,9 @@ import pytest
 
 import fault_harness as fh
 from vit_cls import checkpoint as ckpt_lib
+from vit_cls import errors
 from vit_cls import input_pipeline
+from vit_cls import manifest
 from vit_cls import optim
 from vit_cls import sharding
 from vit_cls import train
@@ -317,6 +320,85 @@ def test_checkpoint_of_another_optimizer_is_refused(trained, tmp_path):
   assert fh.step_dirs(workdir) == [2, 4]
 
 
+def _fail_reading_step(monkeypatch, workdir, step, error):
+  """Every read of `step` raises `error`: its tree metadata (Python) and its arrays (orbax)."""
+  step_dir = str(workdir / "checkpoints" / str(step))
+  metadata = train.ocp.PyTreeCheckpointHandler.metadata
+  restore = train.ocp.CheckpointManager.restore
+
+  def failing_metadata(self, directory, *args, **kwargs):
+    if str(directory).startswith(step_dir):
+      raise error
+    return metadata(self, directory, *args, **kwargs)
+
+  def failing_restore(self, s, *args, **kwargs):
+    if s == step:
+      raise error
+    return restore(self, s, *args, **kwargs)
+
+  monkeypatch.setattr(train.ocp.PyTreeCheckpointHandler, "metadata", failing_metadata)
+  monkeypatch.setattr(train.ocp.CheckpointManager, "restore", failing_restore)
+
+
+READ_ERRORS = {
+    "permission": lambda path: PermissionError(errno.EACCES, os.strerror(errno.EACCES), path),
+    "eio": lambda path: OSError(errno.EIO, os.strerror(errno.EIO), path),
+    "stale_handle": lambda path: OSError(errno.ESTALE, os.strerror(errno.ESTALE), path),
+    # What orbax raises when tensorstore cannot reach the files (a bucket briefly unavailable).
+    "tensorstore_unavailable": lambda path: ValueError(f"UNAVAILABLE: Error reading {path!r}"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(READ_ERRORS))
+def test_a_read_error_that_proves_nothing_stops_in_one_line_and_renames_nothing(trained, tmp_path,
+                                                                                monkeypatch, kind):
+  """The newest step's files are as the save wrote them; reading them fails: no fallback, no rename."""
+  workdir = _copy(trained, tmp_path)
+  _fail_reading_step(monkeypatch, workdir, 4, READ_ERRORS[kind](str(workdir / "checkpoints" / "4")))
+  with pytest.raises(errors.StorageError) as e:
+    _restore(workdir, trained["config"], trained["abstract"])
+  message = str(e.value)
+  _one_line(message)
+  assert re.match(rf"checkpoint {workdir}/checkpoints/4 could not be read \(\w+Error: .+\) and "
+                  r"nothing shows it is damaged .*: stopping without renaming anything; fix the storage",
+                  message), message
+  assert fh.step_dirs(workdir) == [2, 4] and not list((workdir / "checkpoints").glob("*.damaged*"))
+
+
+def test_a_read_error_that_also_stops_the_damage_check_renames_nothing(trained, tmp_path, monkeypatch):
+  """EIO on every read of the step, the checksum pass included: nothing can be proven either way."""
+  workdir = _copy(trained, tmp_path)
+  eio = OSError(errno.EIO, os.strerror(errno.EIO), str(workdir / "checkpoints" / "4" / "state"))
+  _fail_reading_step(monkeypatch, workdir, 4, eio)
+  monkeypatch.setattr(manifest, "_crc32", lambda path: (_ for _ in ()).throw(eio))
+  with pytest.raises(errors.StorageError) as e:
+    _restore(workdir, trained["config"], trained["abstract"])
+  _one_line(str(e.value))
+  assert "could not be read (OSError: Input/output error" in str(e.value)
+  assert "nor checked for damage (OSError: Input/output error" in str(e.value)
+  assert fh.step_dirs(workdir) == [2, 4] and not list((workdir / "checkpoints").glob("*.damaged*"))
+
+
+def test_a_bug_while_reading_keeps_its_traceback_and_renames_nothing(trained, tmp_path, monkeypatch):
+  workdir = _copy(trained, tmp_path)
+  _fail_reading_step(monkeypatch, workdir, 4, TypeError("unsupported operand type(s) for +"))
+  with pytest.raises(TypeError, match="unsupported operand"):
+    _restore(workdir, trained["config"], trained["abstract"])
+  assert fh.step_dirs(workdir) == [2, 4]
+
+
+def test_every_save_records_its_files_and_damage_is_checked_against_them(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  step_dir = workdir / "checkpoints" / "4"
+  recorded = manifest.read(step_dir)
+  data = [k for k in recorded if "/d/" in k]
+  assert data and "state/_METADATA" in recorded and "meta/metadata" in recorded
+  assert manifest.damage_evidence(step_dir) is None
+  fh.corrupt(str(step_dir), "flip_bytes", np.random.default_rng(0))
+  assert re.fullmatch(r"state/.*d/\w+ does not match the checksum the save recorded",
+                      manifest.damage_evidence(step_dir))
+
+
 # ====================================================================================================
 # 6. A disk that fills up while saving.
 
@@ -470,7 +552,7 @@ def test_bad_input_fails_in_one_line_before_compiling(tmp_path, no_compile, brea
   config = _tiny_config()
   workdir = breakage(config, tmp_path)
   workdir = workdir if isinstance(workdir, str) else str(tmp_path / "wd")
-  with pytest.raises((ValueError, OSError)) as e:
+  with pytest.raises(errors.VitClsError) as e:  # the types train.py prints as one line
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
   _one_line(message)
@@ -527,6 +609,44 @@ def test_cli_config_file_errors_and_missing_file_are_one_line(tmp_path):
   assert rc == 1 and len(err) == 1 and re.search(r"unknown model name 'B/17': choose one of", err[0])
   rc, err = _cli(tmp_path, "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "wd"))
   assert rc == 1 and len(err) == 1 and "No such file or directory" in err[0] and "nope.py" in err[0]
+
+
+# train.py with a user's model whose forward pass has a shape bug (an einsum over mismatched sizes).
+_BUGGY_MODEL_RUN = """
+import runpy, sys
+import jax.numpy as jnp
+from vit_cls import model, train
+
+class Buggy(model.VisionTransformer):
+  def __call__(self, images, train=False, **kwargs):
+    flat = images.reshape(images.shape[0], -1)
+    return jnp.einsum("bi,ij->bj", flat, jnp.zeros((5, self.num_classes)))  # the bug: 5 is not the width
+
+train.create_model = lambda config, num_classes: Buggy(**train.model_kwargs(config, num_classes))
+sys.argv = [{train_py!r}, *sys.argv[1:]]
+runpy.run_path({train_py!r}, run_name="__main__")
+"""
+
+
+def test_cli_a_bug_in_user_code_shows_its_traceback_while_a_bad_config_stays_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  script = tmp_path / "buggy_run.py"
+  script.write_text(_BUGGY_MODEL_RUN.format(train_py=fh.TRAIN_PY))
+  env = fh.child_env(VIT_CLS_ALLOCATOR="system", PYTHONPATH=fh.REPO)
+
+  def run(*overrides):
+    out = subprocess.run([sys.executable, str(script), *fh.tiny_train_args(tmp_path / "wd", *overrides)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    return out.returncode, out.stderr
+
+  rc, err = run()
+  assert rc != 0 and "Traceback (most recent call last)" in err, err[-3000:]
+  assert "ValueError" in err and "einsum" in err and "the bug: 5 is not the width" in err, err[-3000:]
+  assert not any(line.startswith("error: ") for line in err.splitlines()), err[-3000:]
+  rc, err = run("--config.model.num_heads=3")  # the same program, a bad config: one line
+  lines = [l for l in err.splitlines() if l.startswith("error: ") or "Traceback" in l]
+  assert rc == 1 and lines == ["error: config.model.hidden_size=32 is not allowed: a multiple of "
+                               "num_heads=3."], err[-3000:]
 
 
 @pytest.mark.slow

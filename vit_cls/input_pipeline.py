@@ -80,6 +80,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from vit_cls import datasets as builtin_datasets  # Registers the offline builders ("digits").
+from vit_cls import errors
 
 try:  # JAX owns the accelerators; tf.data runs on the host.
   tf.config.set_visible_devices([], "GPU")
@@ -92,7 +93,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 _MAX_EPOCHS = 2**40  # "Forever" for the train stream, kept well inside int64.
 
 
-class DatasetNotReadyError(FileNotFoundError):
+class DatasetNotReadyError(errors.DataError, FileNotFoundError):
   """A dataset is not prepared in the data dir and downloading is off. The message says how."""
 
 
@@ -120,7 +121,7 @@ def check_batch_divisibility(global_batch: int, num_devices: int, num_processes:
   need = math.lcm(max(1, num_devices), max(1, num_processes))
   if global_batch <= 0 or global_batch % need:
     hint = max(need, (max(global_batch, 1) + need - 1) // need * need)
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.{name}={global_batch} must be a positive multiple of {need} (it is split over "
         f"{num_processes} process(es) and {num_devices} device(s)); use e.g. {name}={hint}.")
 
@@ -135,7 +136,7 @@ def check_preprocessing(config) -> None:
   The same values are checked again where the graph is built; here they fail in the first second.
   """
   def bad(field, value, allowed):
-    raise ValueError(f"config.pp.{field}={value!r} is not allowed: {allowed}.")
+    raise errors.ConfigError(f"config.pp.{field}={value!r} is not allowed: {allowed}.")
 
   crop = _pp(config, "crop", "inception")
   if crop not in TRAIN_CROPS:
@@ -169,7 +170,7 @@ def num_steps_per_epoch(config, info: DatasetInfo | None = None,
   local_batch = config.batch_size // process_count
   steps = (info.num_train_examples // process_count) // max(local_batch, 1)
   if steps < 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.batch_size={config.batch_size} is larger than the train split "
         f"{_train_split(config)!r} of {config.dataset!r} ({info.num_train_examples} examples "
         f"over {process_count} process(es)); lower batch_size.")
@@ -343,7 +344,7 @@ def _naming_bad_images(it, files) -> Iterator[dict[str, np.ndarray]]:
           tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
           reason = e.message.split("}}")[-1].strip().splitlines()[0] if e.message else type(e).__name__
-          raise ValueError(f"Image folder file {path!r} cannot be decoded ({reason}): remove or "
+          raise errors.DataError(f"Image folder file {path!r} cannot be decoded ({reason}): remove or "
                            f"replace it.") from None
       raise
     yield batch
@@ -393,7 +394,7 @@ class _TfdsSource:
     label = features[self._label_key] if self._label_key in features else None
     if not isinstance(image, tfds.features.Image) or not isinstance(label,
                                                                     tfds.features.ClassLabel):
-      raise ValueError(
+      raise errors.DataError(
           f"Dataset {self._name!r} is not image classification: need an Image feature "
           f"{self._image_key!r} and a ClassLabel {self._label_key!r}, got {list(features)}.")
     self.channels = image.shape[-1] if image.shape[-1] in (1, 3, 4) else None
@@ -408,7 +409,7 @@ class _TfdsSource:
       return int(self._builder.info.splits[split].num_examples)
     except (KeyError, ValueError, AssertionError) as e:
       reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-      raise ValueError(
+      raise errors.ConfigError(
           f"Split {split!r} is not in dataset {self._name!r} (its splits: "
           f"{sorted(self._builder.info.splits)}; slices like 'train[:90%]' work); fix "
           f"config.train_split/eval_split. TFDS said: {reason}") from None
@@ -445,11 +446,11 @@ def _prepared_builder(name: str, data_dir: str | None, allow_download: bool):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
+    raise errors.ConfigError(
         f"Unknown dataset {name!r}: config.dataset must be a TFDS dataset name (e.g. cifar10), "
         f"'digits', or '{IMAGEFOLDER_PREFIX}PATH'.") from None
   except AssertionError as e:  # TFDS reports an unknown version this way.
-    raise ValueError(f"Dataset {name!r}: {str(e).splitlines()[-1]}") from None
+    raise errors.ConfigError(f"Dataset {name!r}: {str(e).splitlines()[-1]}") from None
   if builder.is_prepared():
     return builder
   base_name = name.split(":")[0].split("/")[0]
@@ -486,7 +487,7 @@ class _FolderSource:
     found = {s: self._list(s) for s in splits}
     names = sorted({cls for files in found.values() for cls, _ in files})
     if len(names) < 2:
-      raise ValueError(
+      raise errors.DataError(
           f"Image folder {self._root!r} has {len(names)} class ({', '.join(names)}): classification "
           f"needs at least 2 class folders, <split>/<class>/*.jpg|jpeg|png.")
     index = {n: i for i, n in enumerate(names)}
@@ -521,7 +522,7 @@ class _FolderSource:
             elif not f.startswith("."):
               skipped.append(os.path.join(dirpath, f))
         if not found:
-          raise ValueError(
+          raise errors.DataError(
               f"Image folder class {cls_dir!r} has no images (*.jpg|jpeg|png): add images or remove "
               f"the folder (an empty class gets a label that never occurs).")
         files += found
@@ -532,7 +533,7 @@ class _FolderSource:
       bad = [(p, why) for p, why in ((p, _not_an_image(p)) for _, p in files) if why]
       if bad:
         more = f" (and {len(bad) - 1} more such files)" if len(bad) > 1 else ""
-        raise ValueError(f"Image folder file {bad[0][0]!r} {bad[0][1]}{more}: remove or replace it.")
+        raise errors.DataError(f"Image folder file {bad[0][0]!r} {bad[0][1]}{more}: remove or replace it.")
       _CHECKED_FOLDERS[split_dir] = signature
     if not files:
       raise DatasetNotReadyError(
@@ -593,7 +594,7 @@ def _even_slice(n: int, index: int, count: int) -> tuple[int, int]:
 def _make_source(config):
   name = config.dataset
   if not isinstance(name, str) or not name:
-    raise ValueError(f"config.dataset must be a non-empty string, got {name!r}.")
+    raise errors.ConfigError(f"config.dataset must be a non-empty string, got {name!r}.")
   if name.startswith(IMAGEFOLDER_PREFIX):
     return _FolderSource(config)
   return _TfdsSource(config)
@@ -661,7 +662,7 @@ def _train_preprocess(config, stored_channels):
   channels = _channels(config, stored_channels)
   crop = _pp(config, "crop", "inception")
   if crop not in ("inception", "resize", "none"):
-    raise ValueError(f"config.pp.crop={crop!r} must be 'inception', 'resize' or 'none'.")
+    raise errors.ConfigError(f"config.pp.crop={crop!r} must be 'inception', 'resize' or 'none'.")
   min_area = float(_pp(config, "crop_min_area", 0.05))
   pad = int(_pp(config, "pad_crop", 0))
   flip = bool(_pp(config, "flip", True))
@@ -692,7 +693,7 @@ def _eval_preprocess(config, stored_channels):
   channels = _channels(config, stored_channels)
   crop = _pp(config, "eval_crop", "resize")
   if crop not in ("resize", "central_crop", "none"):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.pp.eval_crop={crop!r} must be 'resize', 'central_crop' or 'none'.")
   fraction = float(_pp(config, "central_fraction", 0.875))
 

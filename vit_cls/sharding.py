@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_cls import errors
+
 DATA_AXIS = "data"
 
 # Arrays with fewer elements than this stay replicated under fsdp: gathering a bias or a LayerNorm scale
@@ -66,13 +68,13 @@ def distributed_args(coordinator_address: str | None = None, num_processes: int 
     missing = [name for name, v in (("coordinator address", address), ("process count", count),
                                     ("process id", index)) if v in (None, "")]
     if missing:
-      raise ValueError(
+      raise errors.ConfigError(
           f"multi-process run is missing the {', '.join(missing)}: pass all three of "
           f"--coordinator_address, --num_processes, --process_id (or JAX_COORDINATOR_ADDRESS, "
           f"JAX_NUM_PROCESSES, JAX_PROCESS_ID), or none of them for a single-process run.")
     count, index = int(count), int(index)
     if not 0 <= index < count:
-      raise ValueError(f"process id {index} is outside [0, {count}): ids run 0..num_processes-1.")
+      raise errors.ConfigError(f"process id {index} is outside [0, {count}): ids run 0..num_processes-1.")
     if count == 1:
       return None
     return dict(coordinator_address=address, num_processes=count, process_id=index)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -24,7 +25,9 @@ import optax
 import orbax.checkpoint as ocp
 
 from vit_cls import checkpoint
+from vit_cls import errors
 from vit_cls import input_pipeline
+from vit_cls import manifest
 from vit_cls import metrics_log
 from vit_cls import optim
 from vit_cls import sharding
@@ -49,16 +52,13 @@ class TrainState:
   opt_state: Any
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.VitClsError, FloatingPointError):
   """The loss or the gradients became NaN or Inf: the run stops without saving."""
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint could not be written, or no checkpoint in the workdir reads back whole.
-
-  The message names the step directory and the way out. Raised instead of training from a state that
-  was only partly read, and instead of silently starting over.
-  """
+# A checkpoint that cannot be written, read or used; the message names the step directory and the way
+# out (raised instead of training from a state that was only partly read, or silently starting over).
+CheckpointError = errors.CheckpointError
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,7 +215,22 @@ def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
     raise CheckpointError(
         f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
         f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.") from e
+  _record_manifest(mngr, step)
   _empty_trash(mngr.directory)
+
+
+def _record_manifest(mngr, step: int) -> None:
+  """The committed step's file sizes and checksums (vit_cls/manifest.py), written by process 0."""
+  if jax.process_index() != 0:
+    return
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  try:
+    manifest.write(step_dir)
+  except OSError as e:
+    raise CheckpointError(
+        f"the checkpoint of step {step} in {mngr.directory} is written, but its manifest is not "
+        f"({_reason(e)}). Free disk space (or fix the workdir) and rerun: it resumes from step "
+        f"{step}.") from e
 
 
 def _reason(e: BaseException, limit: int = 240) -> str:
@@ -237,32 +252,31 @@ def _stored_state_tree(step_dir: str):
   handler.close()
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:
-    raise ValueError("its state has no 'params' entry")
+    raise _DamagedCheckpoint("its state has no 'params' entry")
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
-def check_checkpoint_matches(step_dir: str, abstract_state: TrainState) -> None:
-  """ValueError unless the step was written for this config's model and optimizer.
+def check_checkpoint_matches(step_dir: str, stored, abstract_state: TrainState) -> None:
+  """CheckpointError unless the step (its `stored` state tree) was written for this config's model and
+  optimizer.
 
-  Read from the metadata before any array: a checkpoint of another model shape is refused with the
-  first differing parameter's name and both shapes (not damage: no fallback to an older step, which the
-  same run wrote). Optimizer states have no stable names across optax versions, so they are compared
-  by their arrays' shapes.
+  Compared on the metadata, before any array is read: a checkpoint of another model shape is refused
+  with the first differing parameter's name and both shapes (not damage: no fallback to an older step,
+  which the same run wrote). Optimizer states have no stable names across optax versions, so they are
+  compared by their arrays' shapes.
   """
-  from vit_cls import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   try:
-    stored = _stored_state_tree(step_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _DamagedCheckpoint(f"reading its state: {_reason(e)}") from e
-  ckpt_lib.check_param_shapes(
-      stored["params"], abstract_state.params, got_from=f"checkpoint {step_dir}",
-      want_from="model of this config",
-      hint="resume with the config it was written with, or use a new workdir (config.init_from "
-           "fine-tunes from this checkpoint)")
+    checkpoint.check_param_shapes(
+        stored["params"], abstract_state.params, got_from=f"checkpoint {step_dir}",
+        want_from="model of this config",
+        hint="resume with the config it was written with, or use a new workdir (config.init_from "
+             "fine-tunes from this checkpoint)")
+  except ValueError as e:  # check_param_shapes compares only; its ValueError is the mismatch
+    raise CheckpointError(str(e)) from None
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
   got, want = shapes(stored.get("opt_state", {})), shapes(abstract_state.opt_state)
   if got != want:
-    raise ValueError(
+    raise CheckpointError(
         f"checkpoint {step_dir} holds another optimizer's state ({len(got)} arrays; config.optimizer "
         f"has {len(want)}): resume with the optimizer it was written with, or use a new workdir "
         f"(config.init_from fine-tunes from this checkpoint).")
@@ -271,40 +285,50 @@ def check_checkpoint_matches(step_dir: str, abstract_state: TrainState) -> None:
 def restore_checkpoint(mngr, step: int, abstract_state: TrainState) -> TrainState:
   """Step `step`, read whole into `abstract_state`'s shapes and shardings.
 
-  A ValueError from `check_checkpoint_matches` means another model or optimizer; any other exception
-  means the step does not read back (truncated, corrupted or missing files): `restore_latest` treats
-  that as damage.
+  A CheckpointError means another model or optimizer. Anything else means the step did not read back;
+  whether it is damaged is `restore_latest`'s question, answered from evidence (vit_cls/manifest.py).
   """
-  check_checkpoint_matches(os.path.join(str(mngr.directory), str(step)), abstract_state)
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  check_checkpoint_matches(step_dir, _stored_state_tree(step_dir), abstract_state)
   target = {"step": abstract_state.step, "params": abstract_state.params,
             "opt_state": abstract_state.opt_state}
-  try:
-    # `meta` too: a step whose meta cannot be read is incomplete (predict and load need it).
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-  except ValueError as e:
-    raise _DamagedCheckpoint(_reason(e)) from e
+  # `meta` too: a step whose meta cannot be read is incomplete (predict and load need it).
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   s = restored["state"]
   return TrainState(step=s["step"], params=s["params"], opt_state=s["opt_state"])
 
 
 class _DamagedCheckpoint(Exception):
-  """A step that does not read back whole (kept apart from ValueError, which means a config mismatch)."""
+  """Proof, found while reading, that a step is not what a save of this program writes."""
 
 
-# tensorstore status codes that say "try again", not "these bytes are bad": never grounds to move a step.
-_TRANSIENT = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED")
+def _read_failure_is_storage(e: BaseException) -> bool:
+  """Whether a failed read looks like I/O (an OSError, or a tensorstore status such as
+  `PERMISSION_DENIED: ...`) rather than a bug in the reading code, which keeps its traceback."""
+  seen = e
+  while seen is not None:
+    if isinstance(seen, OSError) or re.match(r"[A-Z][A-Z_]+: ", str(seen)):
+      return True
+    seen = seen.__cause__ or seen.__context__
+  return False
 
 
 def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState | None:
   """The newest checkpoint that reads back whole, or None when the workdir has none.
 
-  A step that fails to read (truncated or corrupted files, a missing item) is damaged: the run says which
-  and why, and falls back to the previous step; once one reads, the damaged ones are renamed to
-  `<step>.damaged` so that they are never taken for checkpoints again and their step numbers can be
-  written anew. With `config.strict_checkpoints` it stops at the first damaged step instead and renames
-  nothing, as it does when no step is readable: a CheckpointError, never a silent start from scratch.
-  A step written for another model is a ValueError naming the parameter and both shapes.
+  A step that fails to read is damaged only on evidence (`manifest.damage_evidence`: files that differ
+  from the sizes and checksums its save recorded, metadata that does not parse, an unfinished save,
+  tensorstore's own checksums). Then the run says which and why, and falls back to the previous step;
+  once one reads, the damaged ones are renamed to `<step>.damaged` so that they are never taken for
+  checkpoints again and their step numbers can be written anew. With `config.strict_checkpoints` it
+  stops at the first damaged step instead and renames nothing, as it does when no step is readable: a
+  CheckpointError, never a silent start from scratch.
+
+  A failure that proves nothing (a permission, an I/O error, a stale handle, an unavailable bucket: the
+  files match what the save wrote, or cannot even be checked) stops the run with a one-line
+  StorageError and renames nothing: the newest step is probably fine, and the storage is what to fix.
+  A step written for another model is a CheckpointError naming the parameter and both shapes.
   Multi-process runs are always strict: falling back needs every process to agree on the step.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
@@ -315,14 +339,28 @@ def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState 
     where = os.path.join(str(mngr.directory), str(step))
     try:
       state = restore_checkpoint(mngr, step, abstract_state)
-    except ValueError:
+    except errors.VitClsError:
       raise  # another model or optimizer: not damage
     except (MemoryError, KeyboardInterrupt):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      reason = str(e) if isinstance(e, _DamagedCheckpoint) else _reason(e)
-      if any(code in reason for code in _TRANSIENT):
-        raise
+      if isinstance(e, _DamagedCheckpoint):
+        reason = str(e)
+      else:
+        try:
+          reason = manifest.damage_evidence(where, e)
+        except OSError as check_error:
+          raise errors.StorageError(
+              f"checkpoint {where} could not be read ({_reason(e)}), nor checked for damage "
+              f"({_reason(check_error)}): stopping without renaming anything; fix the storage "
+              f"(permissions, disk, mount) and rerun.") from None
+        if reason is None:
+          if not _read_failure_is_storage(e):
+            raise  # a bug, not the storage: its traceback
+          raise errors.StorageError(
+              f"checkpoint {where} could not be read ({_reason(e)}) and nothing shows it is damaged "
+              f"(its files are the ones its save wrote, or it recorded none to compare): stopping "
+              f"without renaming anything; fix the storage (permissions, disk, mount) and rerun.") from None
       earlier = steps[i + 1] if i + 1 < len(steps) else None
       if strict:
         way_out = ("move it aside to start from scratch" if earlier is None else
@@ -363,16 +401,15 @@ def validate_config(config) -> None:
   """One-line errors naming the field, the value and what is allowed, before any compile or data read."""
   def bad(field, allowed):
     value = config.get(field) if "." not in field else None
-    raise ValueError(f"config.{field}={value!r} is not allowed: {allowed}.")
+    raise errors.ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
 
   # A config file that lacks a field would otherwise fail with an AttributeError wherever it is first read.
   missing = [f for f in ("dataset", "image_size", "model", "optimizer", "learning_rate", "decay_type",
                          "warmup_steps", "total_steps", "batch_size", "seed") if f not in config]
   if missing:
-    raise ValueError(f"the config has no field {', '.join(missing)}: add it (configs/default.py sets "
+    raise errors.ConfigError(f"the config has no field {', '.join(missing)}: add it (configs/default.py sets "
                      f"every field, with comments).")
-  if config.optimizer not in optim.OPTIMIZERS:
-    bad("optimizer", f"choose one of {', '.join(optim.OPTIMIZERS)}")
+  optim.check_config(config)
   if config.decay_type not in optim.DECAY_TYPES:
     bad("decay_type", f"choose one of {', '.join(optim.DECAY_TYPES)}")
   for field in ("total_steps", "batch_size", "eval_batch_size", "accum_steps", "batch_chunks",
@@ -396,36 +433,36 @@ def validate_config(config) -> None:
   input_pipeline.check_preprocessing(config)
   patch = tuple(config.model.patch_size)
   if config.image_size % patch[0] or config.image_size % patch[1]:
-    raise ValueError(f"config.image_size={config.image_size} is not divisible by "
+    raise errors.ConfigError(f"config.image_size={config.image_size} is not divisible by "
                      f"config.model.patch_size={patch}: use a multiple of the patch size.")
   try:
     create_model(config, num_classes=1)  # the architecture fields check themselves
   except (ValueError, TypeError) as e:
     # VisionTransformer names its own field; the user writes config.model.<field>.
-    raise ValueError(str(e).replace("VisionTransformer.", "config.model.")) from None
+    raise errors.ConfigError(str(e).replace("VisionTransformer.", "config.model.")) from None
   n_dev, n_proc = jax.device_count(), jax.process_count()
   input_pipeline.check_batch_divisibility(config.batch_size, n_dev, n_proc, "batch_size")
   input_pipeline.check_batch_divisibility(config.get("eval_batch_size") or config.batch_size, n_dev,
                                           n_proc, "eval_batch_size")
   per_device = config.batch_size // n_dev
   if per_device % config.get("accum_steps", 1):
-    raise ValueError(f"config.accum_steps={config.accum_steps} does not divide the per-device batch "
+    raise errors.ConfigError(f"config.accum_steps={config.accum_steps} does not divide the per-device batch "
                      f"{per_device} (batch_size={config.batch_size} over {n_dev} devices): choose a "
                      f"divisor of {per_device}.")
   per_micro = per_device // config.get("accum_steps", 1)
   if per_micro % config.get("batch_chunks", 1):
-    raise ValueError(f"config.batch_chunks={config.batch_chunks} does not divide the per-device "
+    raise errors.ConfigError(f"config.batch_chunks={config.batch_chunks} does not divide the per-device "
                      f"micro-batch {per_micro} (batch_size={config.batch_size} over {n_dev} devices, "
                      f"accum_steps={config.get('accum_steps', 1)}): choose a divisor of {per_micro}.")
 
 
 def prepare_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} is a file, not a directory: pass a directory path.")
+    raise errors.ConfigError(f"workdir {workdir!r} is a file, not a directory: pass a directory path.")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} cannot be created ({e.strerror}): pass a writable path.") from None
+    raise errors.StorageError(f"workdir {workdir!r} cannot be created ({e.strerror}): pass a writable path.") from None
   # A real write, not os.access: root passes os.access everywhere, and a full or read-only disk should
   # fail here, in a second, not at the first checkpoint.
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -434,7 +471,7 @@ def prepare_workdir(workdir: str) -> None:
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}): pass a writable "
+    raise errors.StorageError(f"workdir {workdir!r} is not writable ({e.strerror}): pass a writable "
                      f"directory.") from None
 
 
@@ -500,7 +537,7 @@ def initialise_from(state: TrainState, config, logger) -> TrainState:
   """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution."""
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
   if not os.path.exists(config.init_from):
-    raise ValueError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
+    raise errors.ConfigError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
                      f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
@@ -525,7 +562,7 @@ def check_init_from(config, model) -> None:
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
   path = config.init_from
   if not os.path.exists(path):
-    raise ValueError(f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory "
+    raise errors.ConfigError(f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory "
                      f"(a workdir, its checkpoints/ or one step) or a .npz file.")
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
@@ -537,7 +574,7 @@ def check_init_from(config, model) -> None:
                                  image_size=config.image_size,
                                  class_token_position=config.model.class_token_position)
   except (ValueError, FileNotFoundError) as e:
-    raise ValueError(f"config.init_from={path!r} cannot initialise this model: {e}") from None
+    raise errors.ConfigError(f"config.init_from={path!r} cannot initialise this model: {e}") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
