@@ -34,8 +34,8 @@ What it measures, and why this way:
   (arguments + outputs - donated aliases + temporaries), which works on every backend.
 * Allocator: every runner runs under the same host memory allocator (`--allocator`, default tcmalloc
   when installed, else glibc tuned; see vit_cls/allocator.py); the table and the JSON record each
-  runner's. On a CPU it changes the throughput by up to 1.8x, so a comparison where only one side has
-  tcmalloc compares allocators, not models.
+  runner's. On a CPU it can double the training throughput (BENCHMARKS.md), so a comparison where
+  only one side has tcmalloc compares allocators, not models.
 * `--max_batch` (GPU): for each remat policy, the largest training batch whose compiled footprint fits the
   device memory, from XLA's memory estimate at two batch sizes (footprint is affine in the batch), checked
   by running one step at the predicted size.
