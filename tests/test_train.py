@@ -223,3 +223,38 @@ def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
   for i in range(2):
     _assert_trees_close(got["Transformer"][f"encoderblock_{i}"],
                         source["Transformer"][f"encoderblock_{i}"], rtol=0, atol=0)
+
+
+def test_layer_scan_run_converts_and_fine_tunes(tiny_config, tmp_path, capsys):
+  """`--config.model.scan_layers=True` trains; `python -m vit_cls.convert` reads its stacked checkpoint
+  (published layout out); a scan model fine-tunes from the result, starting from the trained encoder."""
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_cls import convert  # pylint: disable=g-import-not-at-top
+  tiny_config.model.update(dict(num_layers=2, scan_layers=True))
+  tiny_config.update(dict(total_steps=2, warmup_steps=1, log_every=2, eval_every=2,
+                          checkpoint_every=2))
+  train.train_and_evaluate(tiny_config, str(tmp_path / "pre"))
+  trained, meta = checkpoint.restore_params(str(tmp_path / "pre"))
+  assert meta["model"]["scan_layers"] and "encoderblock_1" in trained["Transformer"]
+
+  out = tmp_path / "ft_init.npz"
+  assert convert.main(["--checkpoint", str(tmp_path / "pre"), "--out", str(out), "--num_classes", "5",
+                       "--image_size", str(2 * tiny_config.image_size)]) == 0, capsys.readouterr()
+  converted = checkpoint.load_npz(out)
+  for i in range(2):
+    _assert_trees_close(converted["Transformer"][f"encoderblock_{i}"],
+                        trained["Transformer"][f"encoderblock_{i}"], rtol=0, atol=0)
+  assert "pre_logits" not in converted and converted["head"]["kernel"].shape == (32, 5)
+
+  ft = tiny_config.copy_and_resolve_references()
+  ft.model.representation_size = None
+  ft.update(dict(image_size=2 * tiny_config.image_size, init_from=str(out), optimizer="sgd",
+                 learning_rate=1e-7, weight_decay=0.0, total_steps=1, warmup_steps=0, eval_every=1,
+                 checkpoint_every=1, log_every=1))
+  train.train_and_evaluate(ft, str(tmp_path / "ft"))
+  assert "Initialised from" in capsys.readouterr().out
+  tuned, meta = checkpoint.restore_params(str(tmp_path / "ft"))
+  assert meta["model"]["scan_layers"]
+  for i in range(2):  # one step at lr 1e-7: still the converted encoder
+    _assert_trees_close(tuned["Transformer"][f"encoderblock_{i}"],
+                        converted["Transformer"][f"encoderblock_{i}"], rtol=0, atol=1e-5)

@@ -366,8 +366,10 @@ def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, represe
     src_config = ckpt_lib.infer_model_config(src_params)
     src_image_size = None  # square grid inferred from the rows
   src_config.pop("image_size", None)
+  # The output is the published layout, which `restore_params` also returns for a layer-scan run: the
+  # target is built unrolled whatever the source trained with (`vit_cls.load` restacks for scan).
   target_config = dict(src_config, num_classes=int(num_classes),
-                       representation_size=representation_size)
+                       representation_size=representation_size, scan_layers=False)
   if pool is not None:
     target_config["pool"] = pool
   model = ckpt_lib.build_model(target_config)
