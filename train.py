@@ -10,13 +10,6 @@ import re
 import signal
 import sys
 
-# First, before JAX and TensorFlow allocate anything: the memory allocator, printed as the run's first
-# line (vit_cls.allocator imports only the standard library; it may restart this process once, same pid,
-# with tcmalloc preloaded; VIT_CLS_ALLOCATOR=system turns the selection off).
-if __name__ == "__main__":
-  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
-  allocator.setup()
-
 
 class _SigtermLatch:
   """Remembers a SIGTERM that arrives before the training loop listens for one (imports, restore,
@@ -50,6 +43,12 @@ _exit_without_teardown = _ExitWithoutTeardown()
 if __name__ == "__main__":  # first thing, before the imports that take seconds
   signal.signal(signal.SIGTERM, _SigtermLatch())
   atexit.register(_exit_without_teardown)
+  # Then, before JAX and TensorFlow allocate anything: the memory allocator, printed as the run's first
+  # line (vit_cls.allocator imports only the standard library). It may restart this process once (same
+  # pid) with tcmalloc preloaded; a SIGTERM during that restart reaches the latch above once it is back.
+  # VIT_CLS_ALLOCATOR=system turns the selection off.
+  from vit_cls import allocator  # pylint: disable=g-import-not-at-top
+  allocator.setup()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data here; keep it quiet.
 
 from absl import app  # pylint: disable=g-import-not-at-top

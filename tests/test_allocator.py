@@ -67,6 +67,32 @@ def test_auto_restarts_once_under_tcmalloc_and_children_choose_for_themselves():
   assert after["ld_preload"] is None and after["marker"] == [] and not after["child_tcmalloc_mapped"]
 
 
+# A SIGTERM that arrives while the process restarts (sent just before the exec, in the first image).
+_SIGNAL_PROBE = f"""
+import os, signal
+restarted = {allocator._ENV_RESTARTED!r} in os.environ
+image = "restarted" if restarted else "first"
+signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM handled in the", image, "image", flush=True))
+if not restarted:
+  _execve = os.execve
+  def execve(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    _execve(*args)
+  os.execve = execve
+from vit_cls import allocator
+allocator.select()
+print("then", allocator.kind(), flush=True)
+"""
+
+
+@needs_tcmalloc
+def test_a_signal_during_the_restart_reaches_the_handler_afterwards():
+  proc = subprocess.run([sys.executable, "-c", _SIGNAL_PROBE], capture_output=True, text=True,
+                        env=_env(), timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == ["SIGTERM handled in the restarted image", "then tcmalloc"]
+
+
 @needs_tcmalloc
 def test_restart_keeps_the_users_own_preload():
   import ctypes.util  # pylint: disable=g-import-not-at-top

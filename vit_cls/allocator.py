@@ -19,7 +19,10 @@ changes nothing: the choice belongs to whoever owns the process. The environment
 tcmalloc can only replace malloc when it is loaded at process start (LD_PRELOAD), so `setup()` re-executes
 the process once (same interpreter, same arguments, same pid) with the library added to LD_PRELOAD; a
 marker variable stops it from ever doing so twice, and both are removed from the environment after the
-restart, so that child processes make their own choice. On Debian/Ubuntu (and Cloud TPU VMs):
+restart, so that child processes make their own choice. SIGTERM, SIGINT and SIGHUP are blocked across the
+exec and unblocked when `setup()` returns in the new image: one that arrives during the restart is
+delivered then (to the handlers an entry point installed before calling `setup()`), not lost and not
+fatal where it would not have been. On Debian/Ubuntu (and Cloud TPU VMs):
 `apt-get install libtcmalloc-minimal4`. Nothing here imports more than the standard library.
 """
 
@@ -29,6 +32,8 @@ import sys
 ENV_MODE = "VIT_CLS_ALLOCATOR"
 ENV_LIBRARY = "VIT_CLS_TCMALLOC"
 _ENV_RESTARTED = "_VIT_CLS_ALLOCATOR_PRELOADED"  # the library the restart added; set for one exec only
+_ENV_HELD = "_VIT_CLS_ALLOCATOR_HELD_SIGNALS"  # the signals blocked across that exec, to unblock after it
+_HELD_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 MODES = ("auto", "tcmalloc", "glibc-tuned", "system")
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4"
@@ -156,11 +161,16 @@ def _restart_with(library: str) -> None:
   env[_ENV_RESTARTED] = library
   # tcmalloc reports every allocation above 1 GiB on stderr; a big model's buffers are not news.
   env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 50))
+  import signal  # pylint: disable=g-import-not-at-top
+  wanted = {getattr(signal, name) for name in _HELD_SIGNALS if hasattr(signal, name)}
+  blocked_before = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+  env[_ENV_HELD] = ",".join(str(int(s)) for s in sorted(wanted - set(blocked_before)))
   sys.stdout.flush()
   sys.stderr.flush()
   try:
     os.execve(sys.executable, [sys.executable] + argv[1:], env)
   except OSError:
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked_before)
     return  # could not exec: the caller falls back to glibc
 
 
@@ -171,10 +181,14 @@ def select(mode=None) -> str:
   replace the running process (os.execve) and not return. A bad mode, or `tcmalloc` when it cannot be
   had, raises ValueError with a one-line message.
   """
-  mode = requested_mode(mode)
   restarted = os.environ.pop(_ENV_RESTARTED, None)
+  held = os.environ.pop(_ENV_HELD, "")
   if restarted is not None:
     _forget_restart(restarted)
+  if held:  # a signal that came during the restart is delivered now, to the handlers installed by now
+    import signal  # pylint: disable=g-import-not-at-top
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {int(s) for s in held.split(",")})
+  mode = requested_mode(mode)
   mapped = loaded_malloc()
   if mapped and mode == "tcmalloc" and kind() != "tcmalloc":
     raise ValueError(f"{ENV_MODE}=tcmalloc: {mapped} is loaded already (LD_PRELOAD?); remove it from "
@@ -201,6 +215,8 @@ def select(mode=None) -> str:
 
 def setup(file=None) -> str:
   """What an entry point calls first: `select()`, then the line `allocator: ...` on `file` (stdout).
+
+  Signal handlers the entry point needs from its first moment (train.py's SIGTERM latch) go before it.
 
   A bad $VIT_CLS_ALLOCATOR stops the program with that one line (exit status 1).
   """
