@@ -119,6 +119,7 @@ class ConversionReport:
   dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why)
   reinitialised: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why)
   resized: list[tuple[str, tuple, tuple, str]] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)  # about the source (an imported file)
 
   def to_text(self, verbose: bool = False) -> str:
     lines = [f"kept {len(self.kept)} parameters from the checkpoint"
@@ -130,6 +131,9 @@ class ConversionReport:
       lines += [f"  {p}: {why}" for p, why in rows]
     lines.append(f"resized {len(self.resized)}" + (":" if self.resized else ""))
     lines += [f"  {p}: {old} -> {new} ({why})" for p, old, new, why in self.resized]
+    if self.notes:
+      lines.append(f"notes {len(self.notes)}:")
+      lines += [f"  {n}" for n in self.notes]
     return "\n".join(lines)
 
   def __str__(self) -> str:
@@ -164,6 +168,8 @@ def convert_for_finetuning(
     reset_head: bool = False,
     src_class_token_position: str = "first",
     class_token_position: str = "first",
+    src_class_token_posemb: bool = True,
+    class_token_posemb: bool = True,
 ) -> tuple[dict, ConversionReport]:
   """Source params (any accepted naming) + the target model's fresh init -> (target params, report).
 
@@ -246,7 +252,8 @@ def convert_for_finetuning(
                        f"checkpoint (another depth or architecture?).")
     if k == POSEMB:
       out[k] = _convert_posemb(src, tgt, report, (ph, pw), image_size, src_image_size,
-                               src_class_token_position, class_token_position)
+                               src_class_token_position, class_token_position,
+                               src_class_token_posemb, class_token_posemb)
       continue
     if shape(src[k]) != shape(t):
       raise ckpt_lib.shape_mismatch_error(
@@ -257,7 +264,8 @@ def convert_for_finetuning(
   return ckpt_lib.unflatten(out), report
 
 
-def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos, tgt_pos):
+def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos, tgt_pos,
+                    src_class_row=True, tgt_class_row=True):
   """The position-embedding part of `convert_for_finetuning` (class row aside, grid resized)."""
   s, t = np.asarray(src[POSEMB]), tgt[POSEMB]
   s_shape, t_shape = tuple(np.shape(s)), tuple(np.shape(t))
@@ -265,7 +273,8 @@ def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos
     raise ckpt_lib.shape_mismatch_error(
         POSEMB, s_shape, t_shape, got_from="source checkpoint", want_from="target model",
         hint="the hidden sizes differ: the checkpoint is another architecture")
-  s_cls, t_cls = "cls" in src, "cls" in tgt
+  # A class token joined after the position embeddings (timm's `no_embed_class`) has no row.
+  s_cls, t_cls = "cls" in src and src_class_row, "cls" in tgt and tgt_class_row
   # Class-token row aside; the rest is the patch grid.
   s_row = None
   if s_cls:
@@ -288,7 +297,11 @@ def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos
   grid = resize_posemb(s_grid_rows, new_grid, old_grid, num_prefix_tokens=0)
 
   if t_cls:
-    if s_row is None:
+    if s_row is None and "cls" in src:  # a class token without a position row: a zero row is exact
+      s_row = np.zeros((1, 1, t_shape[2]), np.asarray(s).dtype)
+      report.reinitialised.append((f"{POSEMB}[class row]", "zeros: the source's class token carries no "
+                                                           "position row"))
+    elif s_row is None:
       j = _class_row(t_shape[1], tgt_pos)
       s_row = np.asarray(t)[:, j:j + 1]
       report.reinitialised.append((f"{POSEMB}[class row]", "the source has no class token"))
@@ -308,24 +321,72 @@ def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos
   return new
 
 
+# Architecture switches a fine-tuning target takes from its source, with the original ViT's values. The
+# first two change no parameter shape, so a target built without them would silently compute another
+# function.
+_SWITCH_DEFAULTS = dict(gelu_approximate=True, layernorm_epsilon=1e-6, class_token_posemb=True,
+                        layerscale=False, pre_norm=False, fc_norm=False, causal=False)
+SOURCE_SWITCHES = tuple(_SWITCH_DEFAULTS)
+
+
+def source_switches(meta: Mapping | None) -> dict:
+  """The SOURCE_SWITCHES a checkpoint's stored (or imported) config sets; {} when it has no config."""
+  model = (meta or {}).get("model") or {}
+  return {k: model[k] for k in SOURCE_SWITCHES if k in model}
+
+
 def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image_size=None,
-                         reset_head: bool = False, class_token_position: str = "first"):
+                         reset_head: bool = False, class_token_position: str = "first",
+                         model=None):
   """Training's `config.init_from`: read any checkpoint `restore_params` reads and convert it.
 
-  The source's image size and class-token position come from its stored config when it has one (an
-  `.npz` has none: square grid, class token first).
+  The source's image size, class-token position and switches come from its stored config when it has
+  one (a published `.npz` has none: square grid, class token first, the original ViT). `model` (the
+  VisionTransformer being fine-tuned), when given, must have the source's SOURCE_SWITCHES: a mismatch
+  is one error line listing the `--config.model.*` flags to add. The report notes the switches either way.
   """
   src_params, meta = ckpt_lib.restore_params(path)
   src_image_size, src_pos = None, "first"
+  src_model = (meta or {}).get("model") or {}
   if meta:
     src_image_size = meta.get("image_size")
-    model = meta.get("model") or {}
-    src_pos = model.get("class_token_position", "first")
-    src_image_size = src_image_size or model.get("image_size")
-  return convert_for_finetuning(
+    src_pos = src_model.get("class_token_position", "first")
+    src_image_size = src_image_size or src_model.get("image_size")
+  switches = source_switches(meta)
+  if model is not None:
+    wrong = {k: v for k, v in switches.items() if getattr(model, k) != v}
+    if wrong:
+      raise ValueError(f"{path}: the checkpoint's model has {_flags(wrong, '')}, the model being "
+                       f"fine-tuned does not; add {_flags(wrong, '--config.model.')}.")
+  if model is not None:
+    tgt_class_row = model.class_token_posemb
+  else:  # from the target's rows: one more than the patch grid is the class token's
+    rows = np.shape(ckpt_lib.flatten(ckpt_lib.plain(dict(target_init_params))).get(POSEMB, ()))
+    grid = _grid_from_image(image_size, patch_size, "image_size") if image_size is not None else None
+    tgt_class_row = (switches.get("class_token_posemb", True) if grid is None or len(rows) != 3
+                     else rows[1] != grid[0] * grid[1])
+  params, report = convert_for_finetuning(
       src_params, target_init_params, patch_size=patch_size, image_size=image_size,
       src_image_size=src_image_size, reset_head=reset_head, src_class_token_position=src_pos,
-      class_token_position=class_token_position)
+      class_token_position=class_token_position,
+      src_class_token_posemb=switches.get("class_token_posemb", True), class_token_posemb=tgt_class_row)
+  _add_source_notes(report, meta, switches)
+  return params, report
+
+
+def _flags(switches: Mapping, prefix: str) -> str:
+  return " ".join(f"{prefix}{k}={v}" for k, v in switches.items())
+
+
+def _add_source_notes(report: ConversionReport, meta: Mapping | None, switches: Mapping) -> None:
+  if (meta or {}).get("format") in ("timm", "hf"):
+    report.notes.append(f"source: a {'timm' if meta['format'] == 'timm' else 'Hugging Face'} checkpoint "
+                        f"({meta.get('source')})")
+    report.notes += list(meta.get("import_notes") or [])
+  changed = {k: v for k, v in switches.items() if v != _SWITCH_DEFAULTS[k]}
+  if changed:
+    report.notes.append("the source's architecture switches (the fine-tuned model must have them): "
+                        + _flags(changed, "--config.model."))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,16 +441,23 @@ def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, represe
       src_params, target, patch_size=tuple(model.patch_size), image_size=(h, w),
       src_image_size=src_image_size, reset_head=reset_head,
       src_class_token_position=src_config.get("class_token_position", "first"),
-      class_token_position=model.class_token_position)
-  ckpt_lib.save_npz(params, out)
+      class_token_position=model.class_token_position,
+      src_class_token_posemb=src_config.get("class_token_posemb", True),
+      class_token_posemb=model.class_token_posemb)
+  _add_source_notes(report, meta, source_switches(meta))
+  # The architecture goes into the file, so that loading it rebuilds this model (pooling, switches).
+  ckpt_lib.save_npz(params, out, config=target_config, image_size=image_size)
   return params, report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m vit_cls.convert",
-      description="Convert a ViT checkpoint (.npz or orbax) into fine-tuning init params (.npz).")
-  parser.add_argument("--checkpoint", required=True, help=".npz file, workdir, or orbax step dir")
+      description="Convert a ViT checkpoint (.npz, orbax, timm or Hugging Face safetensors) into "
+                  "fine-tuning init params (.npz).")
+  parser.add_argument("--checkpoint", required=True,
+                      help=".npz file, workdir, orbax step dir, .safetensors file, timm or Hugging Face "
+                           "model folder, or a hub id in the local Hugging Face cache")
   parser.add_argument("--out", required=True, help="output .npz (published ViT format)")
   parser.add_argument("--num_classes", required=True, type=int, help="classes of the new head")
   parser.add_argument("--image_size", required=True, type=image_size_arg, help="N or HxW")
