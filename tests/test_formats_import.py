@@ -157,3 +157,24 @@ def test_bfloat16_tensors_widen_exactly(tmp_path):
   (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw.tobytes())
   back, _ = st.read(tmp_path / "bf16.safetensors")
   assert back["w"].dtype == np.float32 and np.array_equal(back["w"], values)
+
+
+def test_predict_applies_the_imported_preprocessing(tmp_path):
+  """CLIP's mean/std and 0.95 crop, HF's plain resize with 0.5/0.5: what each library's eval does."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vit_cls import predict  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "img.png")
+  clip = ck.load_with_info(os.path.join(ZOO, "timm_clip"))
+  x = predict.load_image(str(tmp_path / "img.png"), clip.image_size, clip.preprocessing)
+  # timm: shorter side to int(16 / 0.95) = 16, bicubic, centre crop 16x16, then CLIP mean/std.
+  img = Image.fromarray(pixels).resize((16, 21), Image.BICUBIC).crop((0, 2, 16, 18))
+  want = (np.asarray(img, np.float32) / 255 - clip.preprocessing["mean"]) / clip.preprocessing["std"]
+  np.testing.assert_allclose(x, want, atol=1e-6)
+  hf = ck.load_with_info(os.path.join(ZOO, "hf_vit_classifier"))
+  x = predict.load_image(str(tmp_path / "img.png"), hf.image_size, hf.preprocessing)
+  want = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.BILINEAR), np.float32) / 127.5 - 1
+  np.testing.assert_allclose(x, want, atol=1e-6)
+  results = predict.predict(os.path.join(ZOO, "hf_vit_classifier"), [str(tmp_path / "img.png")], k=2)
+  assert len(results[0][1]) == 2

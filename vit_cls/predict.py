@@ -4,8 +4,9 @@
 
 Images are preprocessed the way evaluation sees them (the default `pp.eval_crop="resize"`): decoded
 with PIL (grayscale, palette and alpha images become RGB), resized bilinearly to the checkpoint's image
-size, scaled to [-1, 1]. Class names come from the
-checkpoint's meta (`label_names`); an `.npz` has none, so classes print as indices. No TensorFlow.
+size, scaled to [-1, 1]; an imported timm or Hugging Face checkpoint gets its own transform instead (the
+mean/std, interpolation and crop it reports: `LoadedCheckpoint.preprocessing`). Class names come from
+the checkpoint's meta (`label_names`); an `.npz` has none, so classes print as indices. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vit_cls import checkpoint as ckpt_lib
 from vit_cls.convert import image_size_arg
 
 
-def load_image(path: str, image_size) -> np.ndarray:
+def load_image(path: str, image_size, preprocessing: dict | None = None) -> np.ndarray:
   """One image file -> float32 (H, W, 3) in [-1, 1] at the model's input size.
 
   PIL decodes; the resize is `jax.image.resize` bilinear without antialiasing, which samples like the
@@ -36,12 +37,41 @@ def load_image(path: str, image_size) -> np.ndarray:
   h, w = ckpt_lib.hw(image_size)
   try:
     with Image.open(path) as img:
-      x = np.asarray(img.convert("RGB"), dtype=np.float32)
+      img = img.convert("RGB")
+      if preprocessing and preprocessing.get("source") != "vit_cls":
+        return _foreign_preprocess(img, h, w, preprocessing)
+      x = np.asarray(img, dtype=np.float32)
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: cannot read the image ({e}).") from None
   if x.shape[:2] != (h, w):
     x = np.asarray(jax.image.resize(x, (h, w, 3), "linear", antialias=False))
   return np.clip(x / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _foreign_preprocess(img, h: int, w: int, pp: dict) -> np.ndarray:
+  """An imported checkpoint's own evaluation transform, as timm / Transformers apply it with PIL.
+
+  With `crop_pct`: resize so the crop is that fraction of the image (the shorter side to
+  floor(size / crop_pct) for a square input), then a centre crop; without: resize to (h, w). Then
+  [0, 1] pixels normalised by the checkpoint's mean and std.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+              "lanczos": Image.LANCZOS}.get(pp.get("interpolation"), Image.BILINEAR)
+  crop = pp.get("crop_pct")
+  if crop:
+    if h == w:
+      short, (iw, ih) = int(h / crop), img.size  # torchvision's Resize(int): the shorter side
+      size = (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
+    else:
+      size = (int(w / crop), int(h / crop))
+    img = img.resize(size, resample)
+    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+  else:
+    img = img.resize((w, h), resample)
+  x = np.asarray(img, dtype=np.float32) / 255.0
+  return ((x - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)).astype(np.float32)
 
 
 def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -69,7 +99,7 @@ def predict(checkpoint, image_paths: Sequence[str], *, k: int = 5, batch_size: i
   results = []
   for start in range(0, len(image_paths), batch_size):
     paths = list(image_paths[start:start + batch_size])
-    batch = np.stack([load_image(p, loaded.image_size) for p in paths])
+    batch = np.stack([load_image(p, loaded.image_size, loaded.preprocessing) for p in paths])
     probs = np.asarray(apply(loaded.params, batch))
     for path, row in zip(paths, probs):
       ranked = top_k(row, k)
