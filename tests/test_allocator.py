@@ -157,6 +157,48 @@ def test_importing_the_library_changes_nothing():
   assert subprocess.run([sys.executable, "-c", code], env=_env(), timeout=60).returncode == 0
 
 
+# ---------------------------------------------------------------------------------------- benchmark
+
+@pytest.mark.slow
+def test_benchmark_runs_every_jax_runner_under_the_allocator_asked_for():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "benchmark.py"), "--quick",
+                         "--no_infer", "--compare", "reference", "--allocator", "glibc-tuned"],
+                        capture_output=True, text=True, env=_env(), timeout=240, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("allocator: glibc (tuned: ")  # the flag wins over auto
+  out = json.loads(next(l for l in lines if l.startswith("JSON: "))[len("JSON: "):])
+  assert out["allocator"] == lines[0][len("allocator: "):] and not out["allocators_differ"]
+  assert [(r["label"], r["allocator_kind"]) for r in out["runners"]] == [
+      ("vit_cls", "glibc-tuned"), ("vit_jax_ref", "glibc-tuned")]
+  assert any("| allocator " in l for l in lines)  # the table's column
+
+
+# timm's server is started the way benchmark.py starts it, with this Python (no torch needed: only the
+# "allocator" command is asked), from a process that chose its allocator as an entry point does.
+_PROXY_PROBE = f"""
+import argparse, json, sys
+sys.path.insert(0, {os.path.join(REPO, "benchmarks")!r})
+from vit_cls import allocator
+allocator.select()
+import benchmark
+proxy = benchmark.TimmProxy(argparse.Namespace(timm_python=sys.executable, model="testing", batch=2,
+                                               resolution=16), 10)
+print(json.dumps(dict(parent=allocator.kind(), timm=proxy.result["allocator_kind"])))
+proxy.close()
+"""
+
+
+@pytest.mark.parametrize("mode, expected", [
+    pytest.param("auto", "tcmalloc", marks=needs_tcmalloc), ("glibc-tuned", "glibc-tuned"),
+    ("system", "system")])
+def test_timm_server_gets_the_benchmarks_allocator(mode, expected):
+  proc = subprocess.run([sys.executable, "-c", _PROXY_PROBE], capture_output=True, text=True,
+                        env=_env(VIT_CLS_ALLOCATOR=mode), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.splitlines()[-1]) == dict(parent=expected, timm=expected)
+
+
 # ------------------------------------------------------------------------------------- train.py runs
 
 def _train(workdir, **env):

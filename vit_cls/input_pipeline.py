@@ -68,8 +68,10 @@ TensorFlow is imported here and in ``vit_cls.datasets`` only, and is kept off ac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import math
 import os
 from typing import Any, Callable, Iterator
@@ -451,12 +453,17 @@ def _prepared_builder(name: str, data_dir: str | None, allow_download: bool):
         f"'digits', or '{IMAGEFOLDER_PREFIX}PATH'.") from None
   except AssertionError as e:  # TFDS reports an unknown version this way.
     raise errors.ConfigError(f"Dataset {name!r}: {str(e).splitlines()[-1]}") from None
-  if builder.is_prepared():
-    return builder
+  with _tfds_quiet(stdout=False):  # an unprepared one: "Variant folder ... has no dataset_info.json"
+    if builder.is_prepared():
+      return builder
   base_name = name.split(":")[0].split("/")[0]
-  if base_name in builtin_datasets.OFFLINE_BUILDERS or allow_download:
+  builtin = base_name in builtin_datasets.OFFLINE_BUILDERS
+  if builtin or allow_download:
+    if builtin:  # TFDS would announce a download ("Unknown size") with progress bars; nothing is.
+      print(f"preparing the built-in {base_name} dataset once in {builder.data_dir}", flush=True)
     try:
-      builder.download_and_prepare()
+      with _tfds_quiet(stdout=True) if builtin else contextlib.nullcontext():
+        builder.download_and_prepare()
     except Exception:  # Another process may have prepared the same data dir meanwhile.
       if not builder.is_prepared():
         raise
@@ -467,6 +474,22 @@ def _prepared_builder(name: str, data_dir: str | None, allow_download: bool):
       f"config.allow_download is False: on a machine with network run "
       f"`tfds build {base_name} --data_dir={root}` and copy {root}/{base_name} here (for "
       f"manually downloaded data, add --manual_dir=DIR), or set config.allow_download=True.")
+
+
+@contextlib.contextmanager
+def _tfds_quiet(stdout: bool):
+  """TFDS without its warnings (absl logging), its progress bars and, with `stdout`, the lines it
+  prints to stdout (what it would download, where it prepared)."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  verbosity, bars = logging.get_verbosity(), getattr(tqdm_utils, "_active", True)
+  logging.set_verbosity(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) if stdout else contextlib.nullcontext():
+      yield
+  finally:
+    logging.set_verbosity(verbosity)
+    tfds.display_progress_bar(bars)
 
 
 class _FolderSource:

@@ -32,6 +32,7 @@ from vit_cls import metrics_log
 from vit_cls import optim
 from vit_cls import sharding
 from vit_cls import speed
+from vit_cls import workdir as workdir_lib
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -586,6 +587,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.maybe_initialize_distributed()
   validate_config(config)
   prepare_workdir(workdir)
+  # Before anything reads data, compiles, or touches a file of the workdir (the checkpoint manager
+  # removes unfinished saves: another live run's save in flight).
+  with workdir_lib.JobLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _format_eval(metrics: dict) -> str:
+  return "  ".join(f"{k} {v:.4f}" if k != "num_examples" else f"{k} {int(v)}"
+                   for k, v in metrics.items())
+
+
+def _report_complete(workdir: str, step: int, total_steps: int, logger) -> dict:
+  """A resumed run with nothing left to train says so (with its last evaluation) instead of
+  printing an empty step range; returns that evaluation's metrics (empty where none was logged)."""
+  evals = []
+  if logger.enabled and os.path.exists(os.path.join(workdir, metrics_log.METRICS_FILE)):
+    evals = [r for r in metrics_log.read_metrics(workdir)
+             if r["split"] == "eval" and r["step"] <= step]
+  last = max(evals, key=lambda r: r["step"]) if evals else None
+  metrics = {k: v for k, v in last.items() if k not in ("step", "split", "time")} if last else {}
+  logger.info(
+      f"The run in {workdir} is already complete: its checkpoint is at step {step} and "
+      f"config.total_steps={total_steps}. "
+      + (f"Last evaluation, at step {last['step']}: {_format_eval(metrics)}. " if last else
+         "No evaluation was logged. ")
+      + "Nothing to train: raise config.total_steps to train further.")
+  return metrics
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train_and_evaluate` once the workdir is checked and this run holds it."""
   info = input_pipeline.get_dataset_info(config)
   input_pipeline.num_steps_per_epoch(config, info)  # a batch larger than the train split fails here
   is_chief = jax.process_index() == 0
@@ -606,6 +638,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif config.get("init_from"):
     state = initialise_from(state, config, logger)
   start_step = int(jax.device_get(state.step))
+  if start_step >= config.total_steps:
+    mngr.close()
+    last_eval = _report_complete(workdir, start_step, config.total_steps, logger)
+    logger.close()
+    return last_eval
 
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
@@ -661,9 +698,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush_train_metrics(step)
         eval_metrics = evaluate(state.params, eval_fn, config, mesh)
         logger.write(step, "eval", eval_metrics)
-        logger.info(f"eval at step {step}: " + "  ".join(
-            f"{k} {v:.4f}" if k != "num_examples" else f"{k} {int(v)}"
-            for k, v in eval_metrics.items()))
+        logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}")
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
         save_checkpoint(mngr, state, meta)
