@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+import tempfile
+from typing import Any, Callable, Mapping
 
 Params = dict  # nested {name: {name: ... np.ndarray}}
 
@@ -50,3 +52,23 @@ def first_line(e: BaseException) -> str:
   """The first line of an exception's message (its type name when it has none)."""
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__
+
+
+def atomic_write(path: str, write: Callable) -> None:
+  """`write(file)` into a temporary file beside `path`, synced, then renamed into place.
+
+  A reader (or a crash) never sees half a file; a failed write leaves no temporary file behind.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -21,12 +21,12 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from vit_cls.formats.common import Params, first_line as _first_line, flatten, plain, unflatten
+from vit_cls.formats.common import (Params, atomic_write, first_line as _first_line, flatten,
+                                    plain, unflatten)
 
 # The sub-modules of one encoder block, in the order they are created (= pre-linen global numbering).
 _BLOCK_ORDER = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
@@ -215,16 +215,4 @@ def save_npz(params: Mapping, path: str | os.PathLike, config: Any = None,
   if config is not None:
     text = json.dumps(export_config(config, image_size), sort_keys=True)
     flat[CONFIG_KEY] = np.frombuffer(text.encode("utf-8"), np.uint8)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write(path, lambda f: np.savez(f, **flat))

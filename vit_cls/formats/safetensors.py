@@ -17,12 +17,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Mapping
 
 import numpy as np
 
 from vit_cls.errors import CheckpointError
+from vit_cls.formats.common import atomic_write
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
@@ -138,19 +138,11 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(raw)))
-      f.write(raw)
-      for a in arrays:
-        f.write(a.tobytes())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+
+  def write_all(f):
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for a in arrays:
+      f.write(a.tobytes())
+
+  atomic_write(path, write_all)
