@@ -17,8 +17,9 @@ Run it beside torch + timm + transformers, never in the project's environment (w
 
 Export direction (vit_cls -> timm / Hugging Face), checked with the real loaders:
 
-    python -m vit_cls.formats.check_exports /tmp/zoo_exports           # project env: imports each
-                                                                        # fixture, exports it again
+    for n in timm_augreg timm_clip hf_vit_classifier ...; do          # project env: import each
+      python -m vit_cls.formats.export --checkpoint tests/fixtures/zoo/$n --format timm \
+          --out /tmp/zoo_exports/$n@timm; done                         # fixture, export it (also hf)
     /tmp/zoovenv/bin/python scripts/make_zoo_fixtures.py check-exports /tmp/zoo_exports
 
 `check-exports` loads every exported folder with `timm.create_model("local-dir:...")` or
