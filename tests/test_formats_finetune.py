@@ -71,3 +71,15 @@ def test_train_fine_tunes_from_an_imported_checkpoint(tiny_config, tmp_path, cap
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  tuned["Transformer"][f"encoderblock_{i}"], src["Transformer"][f"encoderblock_{i}"])
   assert tuned["head"]["kernel"].shape == (24, 10)
+
+
+def test_init_from_refuses_a_model_without_the_sources_function_switches(tiny_config):
+  """GELU form and epsilon change no shape: only the switch check stops a silently different model."""
+  from vit_cls import errors, train  # pylint: disable=g-import-not-at-top
+  dino_model_config(tiny_config)
+  tiny_config.model.gelu_approximate = True  # the source uses exact GELU
+  tiny_config.update(dict(image_size=21, init_from=DINO))
+  with pytest.raises(errors.ConfigError, match=r"add --config.model.gelu_approximate=False"):
+    train.check_init_from(tiny_config, train.create_model(tiny_config, 10))
+  tiny_config.model.gelu_approximate = False
+  train.check_init_from(tiny_config, train.create_model(tiny_config, 10))  # the same model: accepted

@@ -537,19 +537,34 @@ def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
 def initialise_from(state: TrainState, config, logger) -> TrainState:
   """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution."""
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(config.init_from):
-    raise errors.ConfigError(f"config.init_from={config.init_from!r} does not exist: pass an orbax checkpoint "
-                     f"directory (a workdir, its checkpoints/ or one step) or a .npz file.")
+  _check_init_from_exists(config.init_from)
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
       config.init_from, checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
       patch_size=tuple(config.model.patch_size), image_size=config.image_size,
-      class_token_position=config.model.class_token_position)
+      class_token_position=config.model.class_token_position,
+      model=create_model(config, _num_classes(state.params)))
   if config.model.get("scan_layers", False):
     params = checkpoint.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)
+
+
+def _num_classes(params) -> int:
+  """The number of classes of a params tree: the head's width, 0 without a head."""
+  head = params.get("head")
+  return 0 if head is None else int(head["bias"].shape[-1])
+
+
+def _check_init_from_exists(path: str) -> None:
+  """`config.init_from` names a file, a directory or a model in the local Hugging Face cache."""
+  from vit_cls import formats  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path) and formats.find_in_hub_cache(path) is None:
+    raise errors.ConfigError(
+        f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
+        f"checkpoints/ or one step), a .npz or .safetensors file, a timm or Hugging Face model folder, "
+        f"or the id of a model in the local Hugging Face cache.")
 
 
 def check_init_from(config, model) -> None:
@@ -562,9 +577,7 @@ def check_init_from(config, model) -> None:
   """
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
   path = config.init_from
-  if not os.path.exists(path):
-    raise errors.ConfigError(f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory "
-                     f"(a workdir, its checkpoints/ or one step) or a .npz file.")
+  _check_init_from_exists(path)
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))["params"]
@@ -573,7 +586,8 @@ def check_init_from(config, model) -> None:
     convert.init_from_checkpoint(path, checkpoint.scan_to_unrolled(stand_ins),
                                  patch_size=tuple(config.model.patch_size),
                                  image_size=config.image_size,
-                                 class_token_position=config.model.class_token_position)
+                                 class_token_position=config.model.class_token_position,
+                                 model=model)
   except (ValueError, FileNotFoundError) as e:
     raise errors.ConfigError(f"config.init_from={path!r} cannot initialise this model: {e}") from None
 
