@@ -1,4 +1,4 @@
-"""From-scratch pre-training recipe of the ViT paper (Dosovitskiy et al., ICLR 2021, section 4.1 and table 3).
+"""From-scratch pre-training recipe of the ViT paper (Dosovitskiy et al., ICLR 2021, section 4.1, table 3).
 
     python train.py --config=configs/pretrain_imagenet.py:B/16,imagenet2012 --workdir=gs://...
     python train.py --config=configs/pretrain_imagenet.py:B/16,imagenet21k ...
@@ -49,7 +49,8 @@ _DATASETS = {
 def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
   model_name, _, dataset = arg.partition(",")
   if dataset not in _DATASETS:
-    raise errors.ConfigError(f"unknown pre-training dataset {dataset!r}: choose one of {', '.join(_DATASETS)}.")
+    raise errors.ConfigError(
+        f"unknown pre-training dataset {dataset!r}: choose one of {', '.join(_DATASETS)}.")
   row = _DATASETS[dataset]
   config = base.get_config()
   config.dataset = row["tfds_name"]

@@ -350,3 +350,46 @@ def test_preprocessing_switches(digits_dir):
   with pytest.raises(ValueError, match="pp.crop='bogus'"):
     ip.create_train_iterator(_config(data_dir=digits_dir, pp={"crop": "bogus"}),
                              process_index=0, process_count=1)
+
+
+@pytest.fixture(scope="module")
+def sharded_digits_dir(tmp_path_factory):
+  """The digits in 8 TFDS shards per split, so that the order the files are read in shows."""
+  data_dir = str(tmp_path_factory.mktemp("tfds_sharded"))
+  builder = tfds.builder("digits", data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=8))
+  assert len(builder.info.splits["train"].file_instructions) == 8
+  return data_dir
+
+
+def test_file_order_is_reshuffled_every_epoch_and_resumes_exactly(sharded_digits_dir):
+  """With a shuffle buffer of 1 the example order is the file order: it must differ from epoch to
+  epoch (a fixed file order would repeat it), be the same for the same seed, and resume mid-epoch."""
+  config = _config(data_dir=sharded_digits_dir, shuffle_buffer=1)
+  steps = ip.num_steps_per_epoch(config, process_count=1)
+  assert steps == 5
+  full = _take(ip.create_train_iterator(config, process_index=0, process_count=1), 3 * steps)
+  epochs = [np.concatenate([b["label"] for b in full[e * steps:(e + 1) * steps]]) for e in range(3)]
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  again = _take(ip.create_train_iterator(config, process_index=0, process_count=1), 3 * steps)
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for start in (7, 2 * steps):  # mid-epoch 1, the start of epoch 2
+    resumed = _take(ip.create_train_iterator(config, start_step=start, process_index=0,
+                                             process_count=1), 3 * steps - start)
+    for offset, batch in enumerate(resumed):
+      np.testing.assert_array_equal(batch["label"], full[start + offset]["label"])
+      np.testing.assert_array_equal(batch["image"], full[start + offset]["image"])
+
+
+def test_the_eval_dataset_is_built_once_and_read_in_full_every_pass(digits_dir, monkeypatch):
+  config = _config(data_dir=digits_dir)
+  data = ip.create_eval_dataset(config, process_index=0, process_count=1)
+  opened = []
+  monkeypatch.setattr(ip, "_make_source", lambda *a: opened.append(a))  # nothing may reopen it
+  passes = [[(b["label"], b["mask"]) for b in data] for _ in range(2)]
+  assert not opened and len(passes[0]) == data.num_batches == 6
+  for (la, ma), (lb, mb) in zip(*passes):
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(ma, mb)
+  assert sum(int(m.sum()) for _, m in passes[0]) == 360

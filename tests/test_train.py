@@ -258,3 +258,28 @@ def test_layer_scan_run_converts_and_fine_tunes(tiny_config, tmp_path, capsys):
   for i in range(2):  # one step at lr 1e-7: still the converted encoder
     _assert_trees_close(tuned["Transformer"][f"encoderblock_{i}"],
                         converted["Transformer"][f"encoderblock_{i}"], rtol=0, atol=1e-5)
+
+
+def test_asynchronous_saves_write_what_blocking_saves_write(tiny_config, tmp_path, monkeypatch):
+  """The default saves return before the files are written while the next steps donate the state's
+  buffers: the checkpoints must still hold the saved steps' values, bit for bit. The eval split is
+  built once per run, however many evaluations there are."""
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_cls import manifest  # pylint: disable=g-import-not-at-top
+  built = []
+  create = train.input_pipeline.create_eval_dataset
+  monkeypatch.setattr(train.input_pipeline, "create_eval_dataset",
+                      lambda config: built.append(1) or create(config))
+  tiny_config.update(dict(total_steps=6, checkpoint_every=2, eval_every=2, log_every=2,
+                          keep_checkpoints=None))
+  assert tiny_config.async_checkpoints  # the default
+  train.train_and_evaluate(tiny_config, str(tmp_path / "async"))
+  assert len(built) == 1  # 3 evaluations
+  tiny_config.async_checkpoints = False
+  train.train_and_evaluate(tiny_config, str(tmp_path / "blocking"))
+  for step in (2, 4, 6):
+    a, b = (checkpoint.restore_params(str(tmp_path / run / "checkpoints" / str(step)))[0]
+            for run in ("async", "blocking"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert manifest.damage_evidence(tmp_path / "async" / "checkpoints" / str(step)) is None
+    assert manifest.read(tmp_path / "async" / "checkpoints" / str(step))  # recorded with the commit

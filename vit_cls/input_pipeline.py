@@ -49,12 +49,13 @@ Properties the training loop relies on, and how they are kept:
   differ by at most one). Global batches must divide evenly over processes and devices
   (``check_batch_divisibility``).
 * Determinism and resume: the train stream is a sequence of epochs. Epoch ``e`` is this
-  process's slice, files in a seed-fixed order, passed through a shuffle buffer seeded by
-  ``(seed, e)``, cut to ``steps_per_epoch * local_batch`` examples (the few left over are
-  dropped, a different few each epoch). So the example at step ``s`` is a pure function of
-  ``(seed, s)``: resuming at step N starts at epoch ``N // steps_per_epoch`` and skips the rest
-  while the images are still encoded bytes (no decoding). Augmentation randomness is stateless,
-  keyed by ``(seed, process, position in the stream)``, so it resumes exactly too.
+  process's slice, its files (TFDS shards) read in an order seeded by ``(seed, process, e)``, passed
+  through a shuffle buffer seeded by ``(seed, process, e)``, cut to ``steps_per_epoch *
+  local_batch`` examples (the few left over are dropped, a different few each epoch). So the
+  example at step ``s`` is a pure function of ``(seed, s)``: resuming at step N starts at epoch
+  ``N // steps_per_epoch`` and skips the rest while the images are still encoded bytes (no
+  decoding). Augmentation randomness is stateless, keyed by ``(seed, process, position in the
+  stream)``, so it resumes exactly too.
 * Memory: shuffling happens on encoded bytes (or, for an image folder, on file names); images are
   decoded after the buffer, in a parallel map; batches are prefetched.
 * Evaluation scores every example once: the last batch is padded and ``mask`` marks real
@@ -214,38 +215,56 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
   source = _make_source(config)
   steps_per_epoch = num_steps_per_epoch(config, source.info, process_count)
   seed = int(config.get("seed", 0))
-  part = source.read(_train_split(config), process_index, process_count, shuffle_seed=seed)
-
+  split = _train_split(config)
+  first_part = source.read(split, process_index, process_count,
+                           shuffle_seed=_file_order_seed(seed, process_index, 0))
   per_epoch = steps_per_epoch * local_batch
-  buffer = max(1, min(int(config.get("shuffle_buffer", 10_000)), part.num_examples))
-  examples = part.examples
+  buffer = max(1, min(int(config.get("shuffle_buffer", 10_000)), first_part.num_examples))
+  preprocess = _train_preprocess(config, source.channels)
 
-  def epoch(e):
-    # A new shuffle order per epoch, fixed by (seed, process, epoch): stateless, so any epoch
-    # can be rebuilt without replaying the ones before it.
+  def epoch(e: int, offset: int) -> Iterator[dict[str, np.ndarray]]:
+    """Epoch `e` from its batch `offset` on. Its order is fixed by (seed, process, e) alone, for the
+    files (TFDS shards, read in a new order every epoch) and the shuffle buffer: any epoch can be
+    rebuilt without replaying the ones before it."""
+    part = first_part
+    if e and source.shuffles_files:
+      part = source.read(split, process_index, process_count,
+                         shuffle_seed=_file_order_seed(seed, process_index, e))
     order_seed = tf.random.stateless_uniform(
         [], seed=_fold(seed, process_index, e), minval=None, maxval=None, dtype=tf.int64)
-    ds = examples.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
+    ds = part.examples.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
     # Cut the epoch to whole batches. A filter rather than take() reads the input to its end,
     # which lets TFDS's in-memory cache of small datasets complete instead of restarting.
-    ds = ds.enumerate().filter(lambda i, _: i < per_epoch)
-    return ds.map(lambda _, ex: ex)
+    ds = ds.enumerate().filter(lambda i, _: i < per_epoch).map(lambda _, ex: ex)
+    ds = ds.skip(offset * local_batch)  # Encoded bytes only: cheap.
+    # Position in the uninterrupted stream: the key of the example's augmentation.
+    ds = ds.enumerate(start=e * per_epoch + offset * local_batch)
+    fetch = part.fetch
 
-  first_epoch, offset = divmod(start_step, steps_per_epoch)
-  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
-  ds = ds.skip(offset * local_batch)  # Encoded bytes only: cheap.
-  ds = ds.enumerate(start=start_step * local_batch)  # Position in the uninterrupted stream.
+    def prepare(position, ex):
+      key = _fold(seed, process_index, position)
+      return {"image": preprocess(fetch(ex["image"]), key), "label": tf.cast(ex["label"], tf.int32)}
 
-  preprocess = _train_preprocess(config, source.channels)
-  fetch = part.fetch
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+    return _as_numpy(ds, part.files)
 
-  def prepare(position, ex):
-    key = _fold(seed, process_index, position)
-    return {"image": preprocess(fetch(ex["image"]), key), "label": tf.cast(ex["label"], tf.int32)}
+  def epochs():
+    # One tf.data pipeline per epoch, chained here: TFDS takes the file order's seed when the
+    # pipeline is built, so a per-epoch order cannot live inside one endless pipeline (its
+    # reshuffle_each_iteration would also restart from the first epoch's order on resume).
+    first_epoch, offset = divmod(start_step, steps_per_epoch)
+    for e in range(first_epoch, _MAX_EPOCHS):
+      yield from epoch(e, offset if e == first_epoch else 0)
 
-  ds = ds.map(prepare, num_parallel_calls=AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-  return _as_numpy(ds, part.files)
+  return epochs()
+
+
+def _file_order_seed(seed: int, process_index: int, epoch: int) -> int:
+  """The seed of epoch `epoch`'s file order on one process: a pure function of its arguments (a
+  hash, not an RNG stream, so it never depends on the epochs before it or on a library version)."""
+  digest = hashlib.sha256(f"vit_cls-file-order-{seed}-{process_index}-{epoch}".encode()).digest()
+  return int.from_bytes(digest[:4], "little")
 
 
 def create_eval_iterator(config, *, process_index: int | None = None,
@@ -256,6 +275,25 @@ def create_eval_iterator(config, *, process_index: int | None = None,
   config.eval_batch_size // process_count``. Padding examples (zeros, label 0) have mask False;
   every process yields ``num_eval_steps(config)`` batches.
   """
+  return iter(create_eval_dataset(config, process_index=process_index, process_count=process_count))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDataset:
+  """This process's eval batches as a pipeline built once: every iteration is a new pass over the
+  split, without opening the dataset, listing its files or tracing the preprocessing again."""
+
+  dataset: tf.data.Dataset
+  num_batches: int
+  files: tuple[str, ...] | None = None
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return _as_numpy(self.dataset, self.files)
+
+
+def create_eval_dataset(config, *, process_index: int | None = None,
+                        process_count: int | None = None) -> EvalDataset:
+  """The eval split for `create_eval_iterator`, built once per run (see EvalDataset)."""
   process_index, process_count = _process(process_index, process_count)
   eval_batch = _eval_batch_size(config)
   check_batch_divisibility(eval_batch, _device_count(), process_count, "eval_batch_size")
@@ -278,7 +316,7 @@ def create_eval_iterator(config, *, process_index: int | None = None,
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)).repeat()
   ds = ds.concatenate(pad).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-  return _as_numpy(ds, part.files)
+  return EvalDataset(ds, num_batches, part.files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +418,8 @@ class _Part:
 
 class _TfdsSource:
   """A TFDS dataset (the built-in digits included) that is prepared in the data dir."""
+
+  shuffles_files = True  # `read`'s shuffle_seed orders the shards: the train stream varies it per epoch
 
   def __init__(self, config):
     self._name = config.dataset
@@ -499,6 +539,8 @@ class _FolderSource:
   that mixes the classes (so each process's slice has all of them) and does not depend on the
   order the file system lists them in.
   """
+
+  shuffles_files = False  # one file per example: the train stream's shuffle buffer orders them
 
   def __init__(self, config):
     self._root = os.path.expanduser(config.dataset[len(IMAGEFOLDER_PREFIX):])

@@ -7,8 +7,10 @@ user the step: `vit_cls.train.restore_latest` then falls back to an older step a
 aside. The second must stop the run and touch nothing, or a passing I/O error would throw away the
 newest progress.
 
-`write(step_dir)` records, once the save is committed, the size and CRC-32 of every file of the step in
-`<step>/vit_cls_manifest.json` (written to a temporary name and renamed, so it is whole or absent).
+`write(step_dir)` records the size and CRC-32 of every file of the step's items in
+`<step>/vit_cls_manifest.json` (written to a temporary name and renamed, so it is whole or absent):
+for an asynchronous save into orbax's temporary directory once every item is written and before it is
+renamed, so that it is committed with the step; for a blocking save right after the commit.
 `damage_evidence(step_dir, error)` returns the proof that a step is damaged, or None when there is
 none. Evidence is:
 
@@ -45,12 +47,16 @@ _RECORDED_MISMATCH = (
 
 
 def _files(step_dir: epath.Path) -> list[str]:
-  """Every file under the step, as '/'-joined paths relative to it (the manifest itself excluded)."""
+  """Every file of the step's items (`state/...`, `meta/...`), as '/'-joined paths relative to it.
+
+  The step's own top-level files are left out: orbax may still write them as it commits the step
+  (after an asynchronous save's manifest is written), and they are checked by parsing instead.
+  """
   out = []
   for root, _, names in step_dir.walk():
     for name in names:
       rel = (epath.Path(root) / name).relative_to(step_dir).as_posix()
-      if rel != NAME and not rel.startswith(NAME + "."):
+      if "/" in rel:
         out.append(rel)
   return sorted(out)
 

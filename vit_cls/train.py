@@ -9,7 +9,10 @@ at any step, so a run that is killed and resumed ends with the parameters of a r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import glob
 import os
 import re
 import signal
@@ -150,10 +153,14 @@ def eval_step(params, batch: dict, *, model, num_classes: int):
   return out
 
 
-def evaluate(params, eval_fn, config, mesh) -> dict:
-  """Scores every example of the eval split once (the pipeline pads the last batch and masks it)."""
+def evaluate(params, eval_fn, eval_data, mesh) -> dict:
+  """Scores every example of the eval split once (the pipeline pads the last batch and masks it).
+
+  `eval_data`: `input_pipeline.create_eval_dataset(config)`, built once per run; each call is a new
+  pass over it.
+  """
   totals = None
-  for local in input_pipeline.create_eval_iterator(config):
+  for local in eval_data:
     sums = eval_fn(params, sharding.global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -165,20 +172,67 @@ def evaluate(params, eval_fn, config, mesh) -> dict:
 # Checkpoints: orbax, one `state` item (step, params, optimizer state) and one `meta` item (JSON).
 
 
+@dataclasses.dataclass
+class _SaveInFlight:
+  """The save a CheckpointManager of `create_checkpoint_manager` may still be writing: what
+  `finish_checkpoints` needs to report it, and where the commit callback writes its manifest."""
+
+  directory: str
+  async_saves: bool
+  step: int | None = None
+  previous: int | None = None  # the newest committed step when it started
+  manifest_error: OSError | None = None
+
+
 def create_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  """orbax's manager for `<workdir>/checkpoints`, with asynchronous saves unless
+  `config.async_checkpoints` is False.
+
+  An asynchronous save returns once the state is copied to host memory (so the next step may reuse
+  the device buffers) and orbax writes it in a background thread while training goes on. It keeps
+  what a blocking save guarantees: the files go to `<step>.orbax-checkpoint-tmp`, renamed when
+  complete, so a kill only ever loses the save in flight; `finish_checkpoints` waits for it before
+  the next save, before a preemption exit, at the end and when the loop stops on an error, and
+  reports its failure as a CheckpointError naming the step; the manifest of sizes and checksums is
+  written once it is committed.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  in_flight = _SaveInFlight(directory, bool(config.get("async_checkpoints", True)))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.get("keep_checkpoints", 3), create=True,
-      # Saves block until committed: a kill can only ever lose the save in flight, which orbax writes to
-      # a temporary directory and renames when complete.
-      enable_async_checkpointing=False,
+      enable_async_checkpointing=in_flight.async_saves,
+      async_options=(ocp.AsyncOptions(
+          post_finalization_callback=functools.partial(_committed, in_flight))
+                     if in_flight.async_saves else None),
       # What a killed save left behind (`<step>.orbax-checkpoint-tmp`) goes at the next start.
       cleanup_tmp_directories=True,
       # Old steps leave by one rename into the trash instead of a file-by-file delete, so a kill during
       # garbage collection cannot leave a half-deleted step that still looks like a checkpoint.
       todelete_subdir=TRASH_DIR)
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   _empty_trash(directory)  # a kill between a step's removal and the emptying left it there
-  return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  mngr.vit_cls_in_flight = in_flight
+  return mngr
+
+
+def _committed(in_flight: _SaveInFlight) -> None:
+  """Process 0 records the files of the step being saved (vit_cls/manifest.py); a failure is kept for
+  `finish_checkpoints` to report.
+
+  For an asynchronous save this is orbax's post-finalization callback: it runs in the background
+  thread once every item is written, before the temporary directory is renamed to `<step>`, so the
+  manifest is committed with the step. A blocking save calls it after the commit.
+  """
+  if jax.process_index() != 0 or in_flight.step is None:
+    return
+  final = os.path.join(in_flight.directory, str(in_flight.step))
+  # Where the step is being written: the temporary directory, or the final one on file systems where
+  # orbax commits with a marker file instead of a rename (and after a blocking save's commit).
+  pending = sorted(glob.glob(glob.escape(final) + ".orbax-checkpoint-tmp*"), key=os.path.getmtime)
+  try:
+    manifest.write(pending[-1] if pending else final)
+  except OSError as e:
+    in_flight.manifest_error = e
 
 
 def _empty_trash(directory: str) -> None:
@@ -195,43 +249,75 @@ def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
 
 
 def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
-  """Writes `state` as step `state.step`; returns once it is committed.
+  """Starts writing `state` as step `state.step` (a manager of `create_checkpoint_manager`).
 
-  Orbax writes into `<step>.orbax-checkpoint-tmp`, renames it when complete and removes old steps only
-  after that, so a kill or a full disk at any moment leaves the earlier checkpoints as they were. A failed
-  write stops the run with a CheckpointError saying which step is still good: carrying on would only
-  pile up steps that cannot be saved either.
+  Returns once the state is copied to host memory (asynchronous saves, the default) or once it is
+  committed (`config.async_checkpoints=False`). Orbax writes into `<step>.orbax-checkpoint-tmp`, renames
+  it when complete and removes old steps only after that, so a kill or a full disk at any moment leaves
+  the earlier checkpoints as they were. A failed write stops the run with a CheckpointError saying
+  which step is still good (here, or from `finish_checkpoints` for a save in the background): carrying
+  on would only pile up steps that cannot be saved either.
   """
-  step = int(jax.device_get(state.step))
-  previous = mngr.latest_step()
+  finish_checkpoints(mngr)  # the previous save, committed (or reported) before this one starts
+  in_flight = mngr.vit_cls_in_flight
+  in_flight.step, in_flight.previous = int(jax.device_get(state.step)), mngr.latest_step()
+  in_flight.manifest_error = None
   try:
-    mngr.save(step, args=ocp.args.Composite(
+    mngr.save(in_flight.step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"step": state.step, "params": state.params,
                                      "opt_state": state.opt_state}),
         meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(in_flight, e) from e
+  if not in_flight.async_saves:
+    finish_checkpoints(mngr)
+
+
+def finish_checkpoints(mngr) -> None:
+  """Waits until the save in flight (if any) is committed, with its manifest; a CheckpointError
+  naming its step and the previous intact one if it failed."""
+  in_flight = mngr.vit_cls_in_flight
+  if in_flight.step is None:
+    return
+  try:
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    # OSError from Python writes, ValueError from tensorstore's: all mean this save did not happen.
-    kept = f"step {previous} in {mngr.directory} is intact" if previous is not None else "none was written yet"
+    raise _save_failed(in_flight, e) from e
+  if not in_flight.async_saves:
+    _committed(in_flight)  # the callback runs only for asynchronous saves
+  step, error = in_flight.step, in_flight.manifest_error
+  in_flight.step = None
+  if error is not None:
     raise CheckpointError(
-        f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
-        f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.") from e
-  _record_manifest(mngr, step)
+        f"the checkpoint of step {step} in {mngr.directory} is written, but its manifest is not "
+        f"({_reason(error)}). Free disk space (or fix the workdir) and rerun: it resumes from step "
+        f"{step}.") from error
   _empty_trash(mngr.directory)
 
 
-def _record_manifest(mngr, step: int) -> None:
-  """The committed step's file sizes and checksums (vit_cls/manifest.py), written by process 0."""
-  if jax.process_index() != 0:
-    return
-  step_dir = os.path.join(str(mngr.directory), str(step))
+def _save_failed(in_flight: _SaveInFlight, e: BaseException) -> CheckpointError:
+  # OSError from Python writes, ValueError from tensorstore's: all mean this save did not happen.
+  step, previous = in_flight.step, in_flight.previous
+  in_flight.step = None
+  kept = (f"step {previous} in {in_flight.directory} is intact" if previous is not None
+          else "none was written yet")
+  return CheckpointError(
+      f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
+      f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.")
+
+
+@contextlib.contextmanager
+def _finished_on_error(mngr):
+  """On an error in the block, waits for the save in flight (its own failure is not reported: the
+  block's error is) before the error propagates."""
   try:
-    manifest.write(step_dir)
-  except OSError as e:
-    raise CheckpointError(
-        f"the checkpoint of step {step} in {mngr.directory} is written, but its manifest is not "
-        f"({_reason(e)}). Free disk space (or fix the workdir) and rerun: it resumes from step "
-        f"{step}.") from e
+    yield
+  except BaseException:
+    try:
+      finish_checkpoints(mngr)
+    except CheckpointError:
+      pass
+    raise
 
 
 def _reason(e: BaseException, limit: int = 240) -> str:
@@ -289,6 +375,7 @@ def restore_checkpoint(mngr, step: int, abstract_state: TrainState) -> TrainStat
   A CheckpointError means another model or optimizer. Anything else means the step did not read back;
   whether it is damaged is `restore_latest`'s question, answered from evidence (vit_cls/manifest.py).
   """
+  finish_checkpoints(mngr)  # a save of this manager still in flight is read once committed
   step_dir = os.path.join(str(mngr.directory), str(step))
   check_checkpoint_matches(step_dir, _stored_state_tree(step_dir), abstract_state)
   target = {"step": abstract_state.step, "params": abstract_state.params,
@@ -361,7 +448,8 @@ def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState 
           raise errors.StorageError(
               f"checkpoint {where} could not be read ({_reason(e)}) and nothing shows it is damaged "
               f"(its files are the ones its save wrote, or it recorded none to compare): stopping "
-              f"without renaming anything; fix the storage (permissions, disk, mount) and rerun.") from None
+              f"without renaming anything; fix the storage (permissions, disk, mount) and "
+              f"rerun.") from None
       earlier = steps[i + 1] if i + 1 < len(steps) else None
       if strict:
         way_out = ("move it aside to start from scratch" if earlier is None else
@@ -674,6 +762,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
               f"{info.num_classes} classes, global batch {config.batch_size} on "
               f"{jax.device_count()} device(s), steps {start_step}..{config.total_steps}.")
   train_iter = input_pipeline.create_train_iterator(config, start_step=start_step)
+  eval_data = input_pipeline.create_eval_dataset(config)
   pending, eval_metrics = [], {}
   t_last, step_last = time.perf_counter(), start_step
   step = start_step
@@ -686,6 +775,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     pending = []
     bad = [s for s, m in fetched if not m["finite"]]
     if bad:
+      finish_checkpoints(mngr)  # a good state's save in flight is committed before the run stops
       last_good = mngr.latest_step()
       raise NonFiniteError(
           f"loss or gradients became NaN/Inf at step {bad[0]}: stopping. The last checkpoint "
@@ -699,7 +789,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logger.write(step, "train", summary)
     logger.progress(step, summary, steps_per_sec * config.batch_size, steps_per_sec)
 
-  with _Preemption() as preemption:
+  # A save in flight is committed before an error leaves (train.py then exits at once).
+  with _Preemption() as preemption, _finished_on_error(mngr):
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
@@ -710,16 +801,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         flush_train_metrics(step)
       if step % config.eval_every == 0 or last:
         flush_train_metrics(step)
-        eval_metrics = evaluate(state.params, eval_fn, config, mesh)
+        eval_metrics = evaluate(state.params, eval_fn, eval_data, mesh)
         logger.write(step, "eval", eval_metrics)
         logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}")
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
         save_checkpoint(mngr, state, meta)
       if stop:
+        finish_checkpoints(mngr)
         logger.info(f"Preemption requested: checkpoint written at step {step}; exiting.")
         break
 
+  finish_checkpoints(mngr)
   mngr.close()
   if is_chief and step == config.total_steps:
     path = metrics_log.plot_curves(workdir)
