@@ -705,7 +705,7 @@ def _report_complete(workdir: str, step: int, total_steps: int, logger) -> dict:
   """A resumed run with nothing left to train says so (with its last evaluation) instead of
   printing an empty step range; returns that evaluation's metrics (empty where none was logged)."""
   evals = []
-  if logger.enabled and storage.exists(storage.join(workdir, metrics_log.METRICS_FILE)):
+  if logger.enabled and os.path.exists(os.path.join(workdir, metrics_log.METRICS_FILE)):
     evals = [r for r in metrics_log.read_metrics(workdir)
              if r["split"] == "eval" and r["step"] <= step]
   last = max(evals, key=lambda r: r["step"]) if evals else None
@@ -746,7 +746,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     last_eval = _report_complete(workdir, start_step, config.total_steps, logger)
     logger.close()
     return last_eval
-  logger.write_config(config)  # the config this run trains with
 
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
@@ -808,7 +807,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}")
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
-        logger.sync()  # a gs:// metrics file: uploaded up to the step being saved
         save_checkpoint(mngr, state, meta)
       if stop:
         finish_checkpoints(mngr)
