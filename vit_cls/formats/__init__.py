@@ -95,7 +95,9 @@ def _weights_in(folder: str) -> list[str] | None:
     if not isinstance(weight_map, dict) or not weight_map:
       raise CheckpointError(f"{index}: expected a 'weight_map' of tensor names to shard files.")
     return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
-  if os.path.isfile(os.path.join(folder, "config.json")):
+  config = _json(os.path.join(folder, "config.json"))
+  # A timm / Hugging Face model config names its architecture; a training workdir's config.json does not.
+  if isinstance(config, dict) and {"architecture", "architectures", "model_type"} & set(config):
     pickled = [f for f in os.listdir(folder) if f.endswith(_PICKLE_SUFFIXES)]
     raise CheckpointError(
         f"{os.path.join(folder, 'model.safetensors')}: missing" + (
