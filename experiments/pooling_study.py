@@ -621,7 +621,8 @@ def write_table(path: str, summary, comparisons, rows, args, base, header: dict)
       f"validation). Model: `configs/default.py` (width {m.hidden_size}, {m.num_heads} heads, MLP "
       f"{m.mlp_dim}, patch {tuple(m.patch_size)} of a {base.image_size}x{base.image_size} image, so 16 patch "
       f"tokens; depth as in the table), **{args.steps} steps** per run at batch {base.batch_size} "
-      f"(the built-in job trains {base.total_steps}), {base.optimizer}, warmup + cosine, label smoothing "
+      f"({args.steps * base.batch_size / 1437:.2g} epochs of train; the built-in job trains "
+      f"{base.total_steps} steps), {base.optimizer}, warmup + cosine, label smoothing "
       f"{base.label_smoothing}, weight decay {base.weight_decay}, clipping {base.grad_clip_norm}.",
       f"Rate per cell: the best mean validation accuracy over {args.sweep_seeds} seed(s) at each of "
       f"{', '.join(f'{x:g}' for x in args.lrs)} (trained on train minus validation); then {args.seeds} "
@@ -651,6 +652,9 @@ def write_table(path: str, summary, comparisons, rows, args, base, header: dict)
       interval = "—" if math.isnan(d["half"]) else f"[{d['diff'] - d['half']:+.2f}, {d['diff'] + d['half']:+.2f}]"
       kind = "" if d["kind"] == "paired" else f" ({d['kind']})"
       lines.append(f"| {d['a'].label} | {d['b'].label} | {d['diff']:+.2f}{kind} | {interval} | {d['verdict']} |")
+    lines += ["", f"{len(comparisons)} intervals at 95%: even if no cell differed, about "
+                  f"{len(comparisons) / 20:.1f} of them would exclude 0 by chance, so a difference just past "
+                  f"the edge is weak evidence on its own."]
   if len(args.lrs) > 1:
     lines += ["", f"Sweep: validation accuracy (%), mean over {args.sweep_seeds} seed(s); the chosen rate in "
                   "bold:", "", "| cell | " + " | ".join(f"lr {x:g}" for x in args.lrs) + " |",
@@ -754,8 +758,8 @@ def write_plot(path: str, summary, comparisons, args, base) -> None:
   plt.close(fig)
 
 
-def write_attention_figure(out: str, group, lr_index: int) -> str | None:
-  """The class token's attention on the first test digit, in the first final `cls` model."""
+def write_attention_figure(out: str, group, lr: float) -> str | None:
+  """The class token's attention on the first test digit, in the first seed's final `cls` model."""
   import jax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from vit_cls import predict, visualize  # pylint: disable=g-import-not-at-top
@@ -764,10 +768,11 @@ def write_attention_figure(out: str, group, lr_index: int) -> str | None:
   digit = os.path.join(out, DIGIT_NAME)
   Image.fromarray(images[int(digits.split_indices()["test"][0]), :, :, 0]).save(digit)
   image = predict.load_image(digit, group.size)
-  params = jax.tree.map(lambda a: a[lr_index], group.last_params)
+  params = jax.tree.map(lambda a: a[0], group.last_params)
   maps = visualize.class_token_attention(group.model, params, image)
   return visualize.render(image, maps, os.path.join(out, ATTENTION_NAME),
-                          title="class token (pooling study's cls model, seed 0)")
+                          title=f"class token of the pooling study's cls model ({group.model.num_layers} "
+                                f"layers, bidirectional, lr {lr:g}, seed 0)")
 
 
 def rerun_args(argv: Sequence[str]) -> str:
@@ -866,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       lr = choose_rate(rows, cell, args.lrs)
       group = train_phase(cell, "final", [(lr, s) for s in range(args.seeds)], "train", "test")
       if cell == Cell("bidirectional", int(base.model.num_layers), "cls") and not args.quick:
-        attention = write_attention_figure(args.out, group, 0)
+        attention = write_attention_figure(args.out, group, lr)
 
   rows = read_rows(csv_path)
   summary = summarise(rows, cells, args.lrs)
