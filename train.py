@@ -137,12 +137,18 @@ def _import_tensorflow_without_keras() -> None:
   blocked = "keras.src.optimizers"
   if "tensorflow" in sys.modules or blocked in sys.modules:
     return
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top  (standard library only)
   sys.modules[blocked] = None
   try:
-    with _native_import_notices_dropped():
+    with storage.native_stderr_captured() as captured:
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   finally:
     del sys.modules[blocked]
+    # Warnings and errors of the import still reach stderr, after it; only the notices are dropped.
+    kept = [line for line in "".join(captured).splitlines(keepends=True)
+            if not any(notice in line for notice in _IMPORT_NOTICES)]
+    sys.stderr.write("".join(kept))
+    sys.stderr.flush()
 
 
 # What TensorFlow's C++ code prints while it loads, at every start, whatever TF_CPP_MIN_LOG_LEVEL says
@@ -150,31 +156,6 @@ def _import_tensorflow_without_keras() -> None:
 # notice, each twice.
 _IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called",
                    "oneDNN custom operations are on")
-
-
-class _native_import_notices_dropped:  # pylint: disable=invalid-name
-  """Holds what C++ code writes to file descriptor 2 during the block, and passes on every line
-  except `_IMPORT_NOTICES`: warnings and errors of the import still reach stderr, after it."""
-
-  def __enter__(self):
-    import tempfile  # pylint: disable=g-import-not-at-top
-    sys.stderr.flush()
-    self._held = tempfile.TemporaryFile()
-    self._saved = os.dup(2)
-    os.dup2(self._held.fileno(), 2)
-    return self
-
-  def __exit__(self, *exc):
-    sys.stderr.flush()
-    os.dup2(self._saved, 2)
-    os.close(self._saved)
-    self._held.seek(0)
-    text = self._held.read().decode(errors="replace")
-    self._held.close()
-    kept = [l for l in text.splitlines(keepends=True) if not any(n in l for n in _IMPORT_NOTICES)]
-    if kept:
-      sys.stderr.write("".join(kept))
-      sys.stderr.flush()
 
 
 def main(argv):

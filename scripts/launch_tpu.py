@@ -13,12 +13,17 @@ What it does, with the reasons:
 1. Packs this checkout (no .git, no workdirs) into a tarball: the workers run the code you have.
 2. `gcloud compute tpus tpu-vm create` (with --spot for Spot capacity).
 3. Copies the tarball to every worker and installs it in a Python 3.11 venv (`jax[tpu]` at the version
-   requirements.txt pins, then the rest), and with --bucket mounts the bucket with gcsfuse at the same
-   path on every worker. A multi-host job's checkpoints are written by every worker into one directory (orbax), so
-   the workdir must be shared; and a Spot VM's disk is deleted with it, so it must live off the VM.
-   Create the bucket with hierarchical namespace (`gcloud storage buckets create gs://B
-   --enable-hierarchical-namespace --uniform-bucket-level-access`) so that gcsfuse renames directories
-   atomically, which orbax's commit of a checkpoint relies on.
+   requirements.txt pins, then the rest). A multi-host job's checkpoints are written by every worker into
+   one directory (orbax), so the workdir must be shared; and a Spot VM's disk is deleted with it, so it
+   must live off the VM. With --bucket the workdir is `gs://BUCKET/vit_cls/NAME`, written natively:
+   orbax writes checkpoint arrays to Cloud Storage with tensorstore and commits a step with a marker
+   file (no directory rename, so any bucket works), everything else goes through TensorFlow's GCS
+   file system, and the workdir's lock is an object with a generation precondition that every VM sees.
+   --gcsfuse mounts the bucket at /mnt/gcs on every worker instead and uses
+   `/mnt/gcs/vit_cls/NAME`: for tools that need a POSIX path; create the bucket with hierarchical
+   namespace then (`gcloud storage buckets create gs://B --enable-hierarchical-namespace
+   --uniform-bucket-level-access`), so that gcsfuse renames directories atomically, which orbax's
+   commit on a mounted path relies on; its workdir lock holds between the processes of one VM only.
 4. Runs train.py on all workers at once (`--worker=all`). Each one finds the others through
    the TPU metadata (train.py calls `jax.distributed.initialize()` on Cloud TPU), builds the same
    mesh, reads its own part of the data; only worker 0 prints progress lines.
@@ -42,7 +47,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "~/vit_cls"
 VENV = "~/vit_cls_venv"
-MOUNT = "/mnt/gcs"  # where --bucket is mounted on every worker
+MOUNT = "/mnt/gcs"  # where --bucket is mounted on every worker with --gcsfuse
 GONE_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
 
 
@@ -60,9 +65,12 @@ def parse(argv):
   p.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU software (runtime) version")
   p.add_argument("--spot", action="store_true", help="Spot capacity: cheaper, can be preempted")
   p.add_argument("--bucket", default=None,
-                 help=f"GCS bucket mounted at {MOUNT} on every worker; the default workdir lives there")
+                 help="GCS bucket of the default workdir, gs://BUCKET/vit_cls/NAME")
+  p.add_argument("--gcsfuse", action="store_true",
+                 help=f"mount --bucket with gcsfuse at {MOUNT} on every worker and use "
+                      f"{MOUNT}/vit_cls/NAME as the workdir instead of the gs:// path")
   p.add_argument("--workdir", default=None,
-                 help=f"train.py --workdir on the workers (default {MOUNT}/vit_cls/NAME)")
+                 help="train.py --workdir on the workers (default: from --bucket)")
   p.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
   p.add_argument("--max_restarts", type=int, default=20, help="recreations after preemption")
   p.add_argument("--keep", action="store_true", help="do not delete the TPU when training is done")
@@ -79,7 +87,10 @@ def parse(argv):
       p.error("give --bucket (the workdir is then on it) or a --workdir that every worker shares: "
               "checkpoints of a multi-host job are written by all workers into one directory, and a "
               "Spot VM's own disk is deleted with it")
-    args.workdir = f"{MOUNT}/vit_cls/{args.name}"
+    args.workdir = (f"{MOUNT}/vit_cls/{args.name}" if args.gcsfuse
+                    else f"gs://{args.bucket}/vit_cls/{args.name}")
+  if args.gcsfuse and not args.bucket:
+    p.error("--gcsfuse mounts --bucket: give --bucket too")
   return args, train_args
 
 
@@ -113,7 +124,7 @@ def commands(args, train_args) -> dict[str, list[str]]:
       f"{VENV}/bin/pip install -q -r requirements.txt 'jax[tpu]{'==' + jax_pin if jax_pin else ''}'",
       f"{VENV}/bin/pip install -q --no-deps -e .",
   ]
-  if args.bucket:
+  if args.gcsfuse:
     install += [
         "if ! command -v gcsfuse >/dev/null; then "
         "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | "

@@ -1,4 +1,4 @@
-"""One owner per workdir (vit_cls/workdir.py), a resume past the end, and a quiet first run of train.py."""
+"""One owner per workdir (vit_cls/workdir.py), resuming past the end, a quiet first train.py run."""
 
 import hashlib
 import json
@@ -23,7 +23,8 @@ def test_a_held_workdir_is_refused_with_its_holder_and_free_again_after_release(
   with pytest.raises(workdir_lib.WorkdirBusyError) as e:
     workdir_lib.lock_for(str(tmp_path)).acquire()
   message = str(e.value)
-  assert "\n" not in message and message.startswith(f"workdir {tmp_path} is in use by another run: ")
+  assert "\n" not in message
+  assert message.startswith(f"workdir {tmp_path} is in use by another run: ")
   pid, host = re.search(_HOLDER, message).groups()
   assert (int(pid), host) == (os.getpid(), socket.gethostname())
   first.release()
@@ -91,8 +92,9 @@ def test_a_second_train_py_on_a_held_workdir_stops_at_once_and_a_killed_owner_is
     assert "Training" not in second.stdout  # stopped before reading data or compiling
     error = second.stderr.strip()
     assert "\n" not in error, error
-    assert re.fullmatch(rf"error: workdir {re.escape(str(wd))} is in use by another run: {_HOLDER}; "
-                        r"wait for it to end or stop it, or pass another --workdir\.", error), error
+    assert re.fullmatch(rf"error: workdir {re.escape(str(wd))} is in use by another run: "
+                        rf"{_HOLDER}; wait for it to end or stop it, or pass another --workdir\.",
+                        error), error
     assert re.search(_HOLDER, error).groups() == (str(first.proc.pid), socket.gethostname())
     assert _snapshot(wd) == before  # the first run's checkpoints and metrics untouched
   finally:

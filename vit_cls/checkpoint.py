@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from vit_cls import storage
+
 # The format modules hold the tree helpers and the npz format; re-exported: callers use them from here.
 from vit_cls.formats.common import Params, first_line as _first_line, flatten, plain, unflatten  # pylint: disable=g-bad-import-order
 from vit_cls.formats.npz import (load_npz, read_npz, save_npz, to_linen_naming,  # pylint: disable=g-bad-import-order
@@ -129,18 +131,18 @@ def check_param_shapes(params: Mapping, expected: Mapping, *, got_from: str = "c
 
 def _find_step_dir(path: str) -> str:
   """workdir | workdir/checkpoints | a step dir -> the step dir to read (latest finalized step)."""
-  if os.path.isdir(os.path.join(path, "state")):
+  if storage.isdir(storage.join(path, "state")):
     return path
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = storage.join(path, "checkpoints")
+  if not storage.isdir(ckpt_dir):
     ckpt_dir = path
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   steps = ocp.utils.checkpoint_steps(ckpt_dir)
-  steps = [s for s in steps if os.path.isdir(os.path.join(ckpt_dir, str(s), "state"))]
+  steps = [s for s in steps if storage.isdir(storage.join(ckpt_dir, str(s), "state"))]
   if not steps:
     raise ValueError(f"{path}: no checkpoint found (expected an .npz file, a workdir, "
                      f"workdir/checkpoints, or a step directory holding 'state').")
-  return os.path.join(ckpt_dir, str(max(steps)))
+  return storage.join(ckpt_dir, str(max(steps)))
 
 
 def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
@@ -196,6 +198,21 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   return params, meta
 
 
+def _restore_from_gcs(path: str, hints: Mapping | None) -> tuple[Params, dict | None]:
+  """`restore_params` of a gs:// path: an orbax checkpoint (a workdir, its checkpoints/, one step) is
+  read where it is (orbax reads Cloud Storage itself); a file or a model folder is copied to a
+  temporary local path first (numpy and safetensors read local files) and read from there."""
+  storage.check_access(path, write=False, what="checkpoint")
+  if storage.isdir(path):
+    names = storage.listdir(path)
+    if "state" in names or "checkpoints" in names or any(n.isdigit() for n in names):
+      return _restore_orbax(_find_step_dir(path))
+  elif not storage.exists(path):
+    raise FileNotFoundError(f"{path}: no such object or folder in Cloud Storage.")
+  with storage.local_copy(path) as local:
+    return restore_params(local, hints)
+
+
 def restore_params(path: str | os.PathLike, hints: Mapping | None = None) -> tuple[Params, dict | None]:
   """Params (nested dict of numpy arrays, linen naming) and meta (None for an `.npz` without a record).
 
@@ -207,6 +224,8 @@ def restore_params(path: str | os.PathLike, hints: Mapping | None = None) -> tup
   """
   from vit_cls import formats  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
+  if storage.is_gcs(path):
+    return _restore_from_gcs(path, hints)
   if not os.path.exists(path):
     cached = formats.find_in_hub_cache(path)
     if cached is None:

@@ -84,6 +84,7 @@ import tensorflow_datasets as tfds
 
 from vit_cls import datasets as builtin_datasets  # Registers the offline builders ("digits").
 from vit_cls import errors
+from vit_cls import storage
 
 try:  # JAX owns the accelerators; tf.data runs on the host.
   tf.config.set_visible_devices([], "GPU")
@@ -423,6 +424,8 @@ class _TfdsSource:
 
   def __init__(self, config):
     self._name = config.dataset
+    if config.get("data_dir", None):  # gs://: one line within seconds when it cannot be reached
+      storage.check_access(config.data_dir, write=False, what="config.data_dir")
     self._builder = _prepared_builder(self._name, config.get("data_dir", None),
                                       bool(config.get("allow_download", False)))
     info = self._builder.info
@@ -543,8 +546,10 @@ class _FolderSource:
   shuffles_files = False  # one file per example: the train stream's shuffle buffer orders them
 
   def __init__(self, config):
-    self._root = os.path.expanduser(config.dataset[len(IMAGEFOLDER_PREFIX):])
-    if not os.path.isdir(self._root):
+    root = config.dataset[len(IMAGEFOLDER_PREFIX):]
+    self._root = root if storage.is_gcs(root) else os.path.expanduser(root)
+    storage.check_access(self._root, write=False, what="image folder")  # gs://: one line, seconds
+    if not storage.isdir(self._root):
       raise DatasetNotReadyError(
           f"Image folder {self._root!r} (config.dataset={config.dataset!r}) does not exist; "
           f"it must hold <split>/<class>/*.jpg|jpeg|png, e.g. train/cat/1.jpg.")
@@ -571,16 +576,18 @@ class _FolderSource:
     """
     split_dir = os.path.join(self._root, split)
     files, skipped, signature = [], [], []
-    if os.path.isdir(split_dir):
-      signature.append(os.stat(split_dir).st_mtime_ns)
-      for cls in sorted(os.listdir(split_dir)):
+    remote = storage.is_gcs(split_dir)  # Cloud Storage has no directory mtimes
+    mtime = (lambda path: None) if remote else (lambda path: os.stat(path).st_mtime_ns)
+    if storage.isdir(split_dir):
+      signature.append(mtime(split_dir))
+      for cls in storage.listdir(split_dir):
         cls_dir = os.path.join(split_dir, cls)
-        if cls.startswith(".") or not os.path.isdir(cls_dir):
+        if cls.startswith(".") or not storage.isdir(cls_dir):
           continue
         found = []
-        for dirpath, dirnames, filenames in os.walk(cls_dir):
+        for dirpath, dirnames, filenames in storage.walk(cls_dir):
           dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-          signature.append((dirpath, os.stat(dirpath).st_mtime_ns))
+          signature.append((dirpath, mtime(dirpath)))
           for f in filenames:
             if f.lower().endswith(IMAGE_EXTENSIONS):
               found.append((cls, os.path.join(dirpath, f)))
@@ -595,7 +602,10 @@ class _FolderSource:
       if skipped:
         logging.warning("Image folder %r: skipping %d file(s) that are not .jpg/.jpeg/.png, e.g. %s",
                         split_dir, len(skipped), ", ".join(repr(p) for p in skipped[:3]))
-      bad = [(p, why) for p, why in ((p, _not_an_image(p)) for _, p in files) if why]
+      # In Cloud Storage a header costs a request per file: a bad image there is named when it fails
+      # to decode (`_naming_bad_images`), not before training.
+      checked = () if remote else ((p, _not_an_image(p)) for _, p in files)
+      bad = [(p, why) for p, why in checked if why]
       if bad:
         more = f" (and {len(bad) - 1} more such files)" if len(bad) > 1 else ""
         raise errors.DataError(f"Image folder file {bad[0][0]!r} {bad[0][1]}{more}: remove or replace it.")

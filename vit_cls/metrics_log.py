@@ -5,13 +5,20 @@ Only process 0 writes; the other processes of a multi-host job stay silent.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import time
 
+from vit_cls import storage
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
+CONFIG_FILE = "config.json"
+# A gs:// metrics file or event file is uploaded whole at most this often (GCS allows about one
+# write per second to one object), and always before a checkpoint is saved and at the end.
+GCS_UPLOAD_EVERY_S = 15.0
 
 
 def _format_duration(seconds: float) -> str:
@@ -25,7 +32,9 @@ class MetricsLogger:
   """Appends every logged metric to `workdir/metrics.jsonl` and TensorBoard, and prints progress lines.
 
   A resumed run appends to the same files; a step logged twice (once before a crash, once after) appears
-  twice in metrics.jsonl, and readers keep the last.
+  twice in metrics.jsonl, and readers keep the last. In a gs:// workdir the file is kept in memory
+  and uploaded whole (`GCS_UPLOAD_EVERY_S`, and by `sync` before every checkpoint): a run killed
+  between uploads loses the lines since the last one, never the lines up to its last checkpoint.
   """
 
   def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
@@ -34,20 +43,24 @@ class MetricsLogger:
     self._tb = None
     if not enabled:
       return
-    path = os.path.join(workdir, METRICS_FILE)
-    # A run killed (or out of disk) mid-write left a partial last line: end it, or the next record
-    # would be glued onto it and lost too.
-    if os.path.exists(path) and os.path.getsize(path):
-      with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        torn = f.read(1) != b"\n"
+    self._workdir = workdir
+    path = storage.join(workdir, METRICS_FILE)
+    if storage.is_gcs(path):
+      self._jsonl = _ObjectAppender(path)
     else:
-      torn = False
-    self._jsonl = open(path, "a", encoding="utf-8")
-    if torn:
-      self._jsonl.write("\n")
+      # A run killed (or out of disk) mid-write left a partial last line: end it, or the next record
+      # would be glued onto it and lost too.
+      if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+          f.seek(-1, os.SEEK_END)
+          torn = f.read(1) != b"\n"
+      else:
+        torn = False
+      self._jsonl = open(path, "a", encoding="utf-8")
+      if torn:
+        self._jsonl.write("\n")
     try:
-      self._tb = _TensorBoardScalars(os.path.join(workdir, "tensorboard"))
+      self._tb = _TensorBoardScalars(storage.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard needs TensorFlow; training without it still logs the rest.
       self._tb = None
 
@@ -71,6 +84,23 @@ class MetricsLogger:
           f"acc {metrics['accuracy']:.4f}  lr {metrics['learning_rate']:.3g}  "
           f"{images_per_sec:,.0f} img/s  ETA {_format_duration(eta)}", flush=True)
 
+  def write_config(self, config) -> None:
+    """The run's config as JSON (`config.json`; a resumed run writes the config it runs with)."""
+    if self.enabled:
+      if hasattr(config, "to_json_best_effort"):
+        text = config.to_json_best_effort(indent=2, sort_keys=True)
+      else:
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+      storage.write_bytes(storage.join(self._workdir, CONFIG_FILE), (text + "\n").encode())
+
+  def sync(self) -> None:
+    """Everything logged so far reaches the workdir now (a gs:// one uploads; locally a no-op)."""
+    if self.enabled:
+      if isinstance(self._jsonl, _ObjectAppender):
+        self._jsonl.flush(force=True)
+      if self._tb is not None:
+        self._tb.flush(force=True)
+
   def info(self, message: str) -> None:
     if self.enabled:
       print(message, file=sys.stdout, flush=True)
@@ -82,24 +112,60 @@ class MetricsLogger:
         self._tb.close()
 
 
+class _ObjectAppender:
+  """An append-only text file in Cloud Storage: held in memory, uploaded whole (GCS objects cannot
+  be appended to), at most every `GCS_UPLOAD_EVERY_S` seconds unless forced."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._text = storage.read_bytes(path).decode("utf-8") if storage.exists(path) else ""
+    if self._text and not self._text.endswith("\n"):
+      self._text += "\n"
+    self._uploaded = len(self._text)
+    self._last = 0.0
+
+  def write(self, text: str) -> None:
+    self._text += text
+
+  def flush(self, force: bool = False) -> None:
+    if len(self._text) != self._uploaded and (
+        force or time.monotonic() - self._last >= GCS_UPLOAD_EVERY_S):
+      storage.write_bytes(self._path, self._text.encode("utf-8"))
+      self._uploaded, self._last = len(self._text), time.monotonic()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
 class _TensorBoardScalars:
   """Scalar summaries in TensorBoard event files, written with `tf.summary`.
 
-  What `flax.metrics.tensorboard.SummaryWriter` does for scalars, without its import of TensorBoard's
-  hparams plugin, which loads all of Keras (about 1.4 s at every start of train.py).
+  What `flax.metrics.tensorboard.SummaryWriter` does for scalars, without its import of
+  TensorBoard's hparams plugin, which loads all of Keras (about 1.4 s at every start of train.py).
+  TensorFlow writes a gs:// logdir itself; each flush there uploads the whole event file, so it is
+  throttled like the metrics file.
   """
 
   def __init__(self, logdir: str):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._summary = tf.summary
-    self._writer = tf.summary.create_file_writer(logdir)
+    self._remote = storage.is_gcs(logdir)
+    self._last = 0.0
+    if self._remote:  # the writer's own flushes: by time only, not every 10 events
+      self._writer = tf.summary.create_file_writer(
+          logdir, max_queue=100_000, flush_millis=int(GCS_UPLOAD_EVERY_S * 1000))
+    else:
+      self._writer = tf.summary.create_file_writer(logdir)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     with self._writer.as_default():
       self._summary.scalar(tag, value, step=step)
 
-  def flush(self) -> None:
+  def flush(self, force: bool = False) -> None:
+    if self._remote and not force and time.monotonic() - self._last < GCS_UPLOAD_EVERY_S:
+      return
     self._writer.flush()
+    self._last = time.monotonic()
 
   def close(self) -> None:
     self._writer.close()
@@ -107,15 +173,14 @@ class _TensorBoardScalars:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of metrics.jsonl, the last one kept where a resumed run logged a step twice."""
-  path = os.path.join(workdir, METRICS_FILE)
+  text = storage.read_bytes(storage.join(workdir, METRICS_FILE)).decode("utf-8", errors="replace")
   latest = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        r = json.loads(line)
-      except ValueError:
-        continue  # blank, or the partial line of a run that was killed mid-write
-      latest[(r["split"], r["step"])] = r
+  for line in text.splitlines():
+    try:
+      r = json.loads(line)
+    except ValueError:
+      continue  # blank, or the partial line of a run that was killed mid-write
+    latest[(r["split"], r["step"])] = r
   return sorted(latest.values(), key=lambda r: (r["split"], r["step"]))
 
 
@@ -141,7 +206,9 @@ def plot_curves(workdir: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  path = os.path.join(workdir, PLOT_FILE)
-  fig.savefig(path, dpi=100)
+  path = storage.join(workdir, PLOT_FILE)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
   return path

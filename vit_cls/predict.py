@@ -12,6 +12,7 @@ the checkpoint's meta (`label_names`); an `.npz` has none, so classes print as i
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import Sequence
 
@@ -22,6 +23,7 @@ if __name__ == "__main__":  # before numpy and JAX: the memory allocator (stderr
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vit_cls import checkpoint as ckpt_lib
+from vit_cls import storage
 from vit_cls.convert import image_size_arg
 
 
@@ -36,7 +38,8 @@ def load_image(path: str, image_size, preprocessing: dict | None = None) -> np.n
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = ckpt_lib.hw(image_size)
   try:
-    with Image.open(path) as img:
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_gcs(path) else path
+    with Image.open(source) as img:
       img = img.convert("RGB")
       if preprocessing and preprocessing.get("source") != "vit_cls":
         return _foreign_preprocess(img, h, w, preprocessing)

@@ -35,6 +35,7 @@ from vit_cls import metrics_log
 from vit_cls import optim
 from vit_cls import sharding
 from vit_cls import speed
+from vit_cls import storage
 from vit_cls import workdir as workdir_lib
 from vit_cls.model import VisionTransformer
 
@@ -196,7 +197,7 @@ def create_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   reports its failure as a CheckpointError naming the step; the manifest of sizes and checksums is
   written once it is committed.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
   in_flight = _SaveInFlight(directory, bool(config.get("async_checkpoints", True)))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.get("keep_checkpoints", 3), create=True,
@@ -237,8 +238,7 @@ def _committed(in_flight: _SaveInFlight) -> None:
 
 def _empty_trash(directory: str) -> None:
   if jax.process_index() == 0:
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(os.path.join(str(directory), TRASH_DIR), ignore_errors=True)
+    storage.rmtree(storage.join(str(directory), TRASH_DIR))
 
 
 def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
@@ -472,10 +472,10 @@ def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState 
       for bad in damaged:
         src = os.path.join(str(mngr.directory), str(bad))
         dst, n = src + DAMAGED_SUFFIX, 1
-        while os.path.exists(dst):
+        while storage.exists(dst):
           n += 1
           dst = f"{src}{DAMAGED_SUFFIX}.{n}"
-        os.rename(src, dst)
+        storage.rename(src, dst)
         log(f"moved the damaged checkpoint {src} to {dst}.")
       mngr.reload()
     return state
@@ -547,6 +547,9 @@ def validate_config(config) -> None:
 
 
 def prepare_workdir(workdir: str) -> None:
+  if storage.is_gcs(workdir):  # a bucket has no directories to create: a written and removed probe
+    storage.check_access(workdir, write=True, what="workdir")
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.ConfigError(f"workdir {workdir!r} is a file, not a directory: pass a directory path.")
   try:
@@ -649,7 +652,8 @@ def _num_classes(params) -> int:
 def _check_init_from_exists(path: str) -> None:
   """`config.init_from` names a file, a directory or a model in the local Hugging Face cache."""
   from vit_cls import formats  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path) and formats.find_in_hub_cache(path) is None:
+  storage.check_access(path, write=False, what="config.init_from")  # gs://: one line, in seconds
+  if not storage.exists(path) and (storage.is_gcs(path) or formats.find_in_hub_cache(path) is None):
     raise errors.ConfigError(
         f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
         f"checkpoints/ or one step), a .npz or .safetensors file, a timm or Hugging Face model folder, "
@@ -705,7 +709,7 @@ def _report_complete(workdir: str, step: int, total_steps: int, logger) -> dict:
   """A resumed run with nothing left to train says so (with its last evaluation) instead of
   printing an empty step range; returns that evaluation's metrics (empty where none was logged)."""
   evals = []
-  if logger.enabled and os.path.exists(os.path.join(workdir, metrics_log.METRICS_FILE)):
+  if logger.enabled and storage.exists(storage.join(workdir, metrics_log.METRICS_FILE)):
     evals = [r for r in metrics_log.read_metrics(workdir)
              if r["split"] == "eval" and r["step"] <= step]
   last = max(evals, key=lambda r: r["step"]) if evals else None
@@ -746,6 +750,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     last_eval = _report_complete(workdir, start_step, config.total_steps, logger)
     logger.close()
     return last_eval
+  logger.write_config(config)  # the config this run trains with
 
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
@@ -807,6 +812,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}")
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
+        logger.sync()  # a gs:// metrics file: uploaded up to the step being saved
         save_checkpoint(mngr, state, meta)
       if stop:
         finish_checkpoints(mngr)

@@ -17,7 +17,12 @@ How it is held, and why an owner that died never blocks:
   instead.
 * A FUSE mount that implements no locking (gcsfuse): the kernel still enforces `flock`, but only
   between processes of the same machine. A double launch on one VM is refused; two VMs writing one
-  mounted path are not.
+  mounted path are not: give such jobs the bucket itself (`--workdir=gs://...`).
+* A workdir in Cloud Storage (`gs://`): a lease object `.lock`, created only if absent
+  (`ifGenerationMatch=0`: of two runs starting together exactly one gets it), renewed every 30 s
+  under the same kind of precondition, deleted when the run ends. An owner that died stops renewing;
+  its lease is taken over after 120 s without a heartbeat, or at once by a run on the same host when
+  the owner's pid is gone. A preempted Cloud TPU run ends through SIGTERM and deletes it.
 * Multi-process jobs: the chief's lock covers the job. Process 0 takes it; the outcome is
   broadcast, so every process of a second job stops together with the same line (the others never
   wait in a collective for a chief that left). The other processes of one job share the chief's
@@ -50,14 +55,19 @@ def _owner_record() -> dict:
 def _describe(record: dict | None) -> str:
   if not record:
     return "a process that has not written its name yet"
-  return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"
-          + (f" (started {record['started']})" if record.get("started") else ""))
+  return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}" +
+          (f" (started {record['started']})" if record.get("started") else ""))
 
 
 def _busy(workdir: str, record: dict | None) -> WorkdirBusyError:
+  lease = ""
+  if record and record.get("heartbeat"):  # a gs:// lease
+    age = max(0.0, time.time() - float(record["heartbeat"]))
+    lease = (f", last heartbeat {age:.0f} s ago (taken over after "
+             f"{float(record.get('lease_s', _GcsLock.LEASE_S)):.0f} s without one)")
   return WorkdirBusyError(
-      f"workdir {workdir} is in use by another run: {_describe(record)}; wait for it to end or "
-      f"stop it, or pass another --workdir.")
+      f"workdir {workdir} is in use by another run: {_describe(record)}{lease}; wait for it to end "
+      f"or stop it, or pass another --workdir.")
 
 
 def _parse(text: str) -> dict | None:
@@ -113,9 +123,123 @@ class _FileLock:
       self._fd = None
 
 
+class _GcsLock:
+  """A lease on the object `<workdir>/.lock` in Cloud Storage, taken and kept with preconditions.
+
+  Created only if absent (`ifGenerationMatch=0`), so of two runs that start together exactly one
+  gets it; renewed every `HEARTBEAT_S` seconds by rewriting it on the condition that it is still the
+  generation this run wrote; deleted (on the same condition) when the run ends. A holder that died
+  stops renewing: a newcomer takes the lease over when its last heartbeat is older than
+  `LEASE_S`, or at once when the holder ran on the newcomer's own host and its pid is gone (a
+  killed run restarted on the same VM). A holder that finds its lease taken over (it could not
+  renew it for `LEASE_S`, a network partition) has lost the workdir: it stops at once, without
+  writing anything more, with one line saying so.
+  """
+
+  HEARTBEAT_S = 30.0
+  LEASE_S = 120.0
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir.rstrip("/")
+    self._kv = None
+    self._generation = None
+    self._record = None
+    self._stop = None
+    self._thread = None
+
+  def _store(self):
+    if self._kv is None:
+      import tensorstore as ts  # pylint: disable=g-import-not-at-top
+      from vit_cls import storage  # pylint: disable=g-import-not-at-top
+      self._kv = ts.KvStore.open(storage.kvstore_spec(self.workdir)).result()
+    return self._kv
+
+  def _read(self):
+    return self._store().read(LOCK_FILE).result()
+
+  def holder(self, wait: float = 0.0) -> dict | None:  # pylint: disable=unused-argument
+    current = self._read()
+    return _parse(current.value.decode(errors="replace")) if current.state == "value" else None
+
+  def _write(self, record: dict | None, if_equal) -> bytes:
+    """The new generation, or b"" when the condition failed (the object is not what we thought)."""
+    value = None if record is None else (json.dumps(record) + "\n").encode()
+    return self._store().write(LOCK_FILE, value, if_equal=if_equal).result().generation
+
+  def _stale(self, record: dict | None, read_time: float) -> bool:
+    if record is None:
+      return True  # not written by this program: nothing to respect
+    if read_time - float(record.get("heartbeat", 0)) > float(record.get("lease_s", self.LEASE_S)):
+      return True
+    if record.get("host") == socket.gethostname():
+      try:
+        os.kill(int(record.get("pid", -1)), 0)
+      except ProcessLookupError:
+        return True
+      except (OSError, ValueError):
+        return False
+    return False
+
+  def acquire(self) -> "_GcsLock":
+    for _ in range(3):  # a lost race re-reads: the winner is then the holder to name
+      current = self._read()
+      record = _parse(current.value.decode(errors="replace")) if current.state == "value" else None
+      if current.state == "value" and not self._stale(record, time.time()):
+        raise _busy(self.workdir, record)
+      mine = {**_owner_record(), "heartbeat": time.time(), "lease_s": self.LEASE_S}
+      generation = self._write(mine, current.stamp.generation)
+      if generation:
+        self._generation, self._record = generation, mine
+        self._start_heartbeat()
+        return self
+    raise _busy(self.workdir, record)
+
+  def _start_heartbeat(self) -> None:
+    import threading  # pylint: disable=g-import-not-at-top
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
+    self._thread.start()
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.HEARTBEAT_S):
+      self._record = {**self._record, "heartbeat": time.time()}
+      try:
+        generation = self._write(self._record, self._generation)
+      except Exception:  # pylint: disable=broad-except
+        continue  # a failed renewal (network): the next one may succeed, within the lease
+      if not generation:
+        self._lost()
+      self._generation = generation
+
+  def _lost(self) -> None:
+    import sys  # pylint: disable=g-import-not-at-top
+    try:
+      holder = _describe(_parse(self._read().value.decode(errors="replace")))
+    except Exception:  # pylint: disable=broad-except
+      holder = "another run"
+    print(
+        f"error: workdir {self.workdir}: this run could not renew its lock for "
+        f"{self.LEASE_S:.0f} s and {holder} has taken it over; stopping without writing "
+        f"anything more.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  def release(self) -> None:
+    if self._generation is None:
+      return
+    self._stop.set()
+    self._thread.join(timeout=60)
+    try:
+      self._write(None, self._generation)  # only if it is still ours
+    except Exception:  # pylint: disable=broad-except
+      pass  # unreachable now: the lease expires by itself
+    self._generation = None
+
+
 def lock_for(workdir: str):
-  """The lock object for `workdir` (not yet acquired)."""
-  return _FileLock(workdir)
+  """The lock object for `workdir` (not yet acquired): a lease object on gs://, flock elsewhere."""
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  return _GcsLock(workdir) if storage.is_gcs(workdir) else _FileLock(workdir)
 
 
 class JobLock:

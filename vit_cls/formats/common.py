@@ -57,8 +57,16 @@ def first_line(e: BaseException) -> str:
 def atomic_write(path: str, write: Callable) -> None:
   """`write(file)` into a temporary file beside `path`, synced, then renamed into place.
 
-  A reader (or a crash) never sees half a file; a failed write leaves no temporary file behind.
+  A reader (or a crash) never sees half a file; a failed write leaves no temporary file behind. A
+  gs:// path is written in memory, then uploaded as one object (which is whole or absent too).
   """
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  if storage.is_gcs(path):
+    import io  # pylint: disable=g-import-not-at-top
+    buffer = io.BytesIO()
+    write(buffer)
+    storage.write_bytes(path, buffer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")

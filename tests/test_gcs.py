@@ -1,0 +1,346 @@
+"""gs:// paths everywhere (vit_cls/storage.py), against a local Cloud Storage emulator.
+
+The emulator (tests/gcs_emulator.py: gcp-storage-emulator on 127.0.0.1) is started once for this
+module. Each client reaches it through its own setting: tensorstore (orbax's arrays, the lock, the
+access check) through TENSORSTORE_GCS_HTTP_URL; TensorFlow's GCS file system (etils.epath, orbax's
+directories, TFDS, tf.data, TensorBoard) through a TLS-terminating proxy, since it has no endpoint
+setting; google-cloud-storage (orbax's bucket-layout check) through STORAGE_EMULATOR_HOST.
+"""
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests import fault_harness as fh
+from tests import gcs_emulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator's environment, set in this process too (in-process clients read it on first use);
+  yields the bucket URL."""
+  proc, env = gcs_emulator.start(str(tmp_path_factory.mktemp("gcs")))
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in env.items():
+      mp.setenv(k, v)
+    yield f"gs://{env['GCS_BUCKET']}"
+  proc.kill()
+  proc.wait()
+
+
+def _tiny_config(**overrides):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                           representation_size=32, attention_impl="einsum"))
+  config.update(dict(total_steps=6, warmup_steps=2, batch_size=32, eval_batch_size=64, log_every=2,
+                     eval_every=6, checkpoint_every=3, shuffle_buffer=256, keep_checkpoints=3))
+  config.update(overrides)
+  return config
+
+
+def _copy_tree(src: str, dst: str) -> None:
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  for root, _, files in storage.walk(src):
+    for name in files:
+      data = storage.read_bytes(storage.join(root, name))
+      rel = root[len(src):].lstrip("/")
+      storage.write_bytes(storage.join(dst, rel, name) if rel else storage.join(dst, name), data)
+
+
+def _upload_tree(local: str, dst: str) -> None:
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  for root, _, files in os.walk(local):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), local)
+      storage.upload(os.path.join(root, name), storage.join(dst, *rel.split(os.sep)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The storage functions and the lock.
+
+
+def test_storage_reads_writes_lists_renames_and_removes_in_a_bucket(gcs):
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  root = f"{gcs}/storage_test"
+  storage.write_bytes(f"{root}/a/x.txt", b"hello")
+  storage.write_bytes(f"{root}/a/b/y.bin", bytes(range(256)))
+  storage.makedirs(f"{root}/empty")  # a folder marker object: a folder, no file
+  assert storage.read_bytes(f"{root}/a/x.txt") == b"hello" and storage.isfile(f"{root}/a/x.txt")
+  assert storage.isdir(f"{root}/a") and not storage.exists(f"{root}/nothing")
+  assert storage.listdir(f"{root}/a") == ["b", "x.txt"]
+  assert list(storage.walk(root)) == [(root, ["a", "empty"], []), (f"{root}/a", ["b"], ["x.txt"]),
+                                      (f"{root}/a/b", [], ["y.bin"]), (f"{root}/empty", [], [])]
+  storage.rename(f"{root}/a", f"{root}/c")  # (exists() may answer from TF's stat cache for 5 s)
+  assert storage.listdir(root) == ["c", "empty"]
+  assert storage.read_bytes(f"{root}/c/b/y.bin") == bytes(range(256))
+  with storage.local_copy(f"{root}/c") as local:
+    assert open(os.path.join(local, "b", "y.bin"), "rb").read() == bytes(range(256))
+  storage.rmtree(root)
+  assert "storage_test" not in storage.listdir(gcs)
+
+
+def test_the_workdir_lock_in_a_bucket(gcs):
+  """Created only if absent; the holder is named; a dead holder on this host, or one whose lease ran
+  out elsewhere, is taken over; a live one elsewhere is not; release deletes it."""
+  from vit_cls import workdir  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/lock_test"
+  held = workdir.lock_for(wd).acquire()
+  with pytest.raises(workdir.WorkdirBusyError,
+                     match=rf"^workdir {wd} is in use by another run: pid {os.getpid()} on host "
+                     rf"{re.escape(socket.gethostname())} \(started .*\), last heartbeat \d+ s "
+                     r"ago \(taken over after 120 s without one\); wait"):
+    workdir.lock_for(wd).acquire()
+  held.release()
+  assert workdir.lock_for(wd).holder() is None  # deleted
+
+  def plant(record):
+    probe = workdir.lock_for(wd)
+    current = probe._read()  # pylint: disable=protected-access
+    assert probe._write(record, current.stamp.generation)  # pylint: disable=protected-access
+
+  now = time.time()
+  dead_pid = {"host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": now}
+  lease_ran_out = {"host": "elsewhere", "pid": 1, "heartbeat": now - 500}
+  for stale in (dead_pid, lease_ran_out):
+    plant(stale)
+    taken = workdir.lock_for(wd).acquire()
+    assert workdir.lock_for(wd).holder()["pid"] == os.getpid()
+    taken.release()
+  plant({"host": "elsewhere", "pid": 1, "heartbeat": now})
+  with pytest.raises(workdir.WorkdirBusyError, match="pid 1 on host elsewhere"):
+    workdir.lock_for(wd).acquire()
+  # Two runs that read "absent" at the same moment: the precondition lets one create it.
+  probe, other = workdir.lock_for(f"{gcs}/race"), workdir.lock_for(f"{gcs}/race")
+  absent = probe._read().stamp.generation  # pylint: disable=protected-access
+  assert probe._write({"pid": 1}, absent)  # pylint: disable=protected-access
+  assert not other._write({"pid": 2}, absent)  # pylint: disable=protected-access
+
+
+def test_no_network_fails_in_one_line_within_seconds_before_compiling(gcs, tmp_path):
+  """Cloud Storage unreachable (a closed port stands for no network), no credentials anywhere."""
+  from vit_cls import errors, storage  # pylint: disable=g-import-not-at-top
+  closed = gcs_emulator._free_port()  # pylint: disable=protected-access
+  env = fh.child_env(None,
+                     TENSORSTORE_GCS_HTTP_URL=f"http://127.0.0.1:{closed}",
+                     HOME=str(tmp_path),
+                     GCE_METADATA_ROOT=f"127.0.0.1:{closed}")
+  for k in ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_APPLICATION_CREDENTIALS"):
+    env.pop(k, None)
+  t0 = time.monotonic()
+  out = subprocess.run([sys.executable, fh.TRAIN_PY, *fh.tiny_train_args(f"{gcs}/offline")],
+                       capture_output=True, text=True, env=env, timeout=120)
+  took = time.monotonic() - t0
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Training" not in out.stdout  # before the dataset and the compile
+  assert out.stderr.strip().splitlines() == [
+      f"error: workdir {gcs}/offline: cannot write to Cloud Storage (no network: cannot connect to "
+      f"Cloud Storage; no Google credentials found (run `gcloud auth application-default login`, "
+      f"set GOOGLE_APPLICATION_CREDENTIALS, or use a VM with a service account))."
+  ], out.stderr
+  print(f"train.py with no network: exit 1 after {took:.1f} s")  # for the record, not asserted
+  # The same check guards config.init_from, config.data_dir, image folders and vit_cls.load:
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("TENSORSTORE_GCS_HTTP_URL", f"http://127.0.0.1:{closed}")
+    with pytest.raises(errors.StorageError,
+                       match=rf"^checkpoint {gcs}/x: cannot read from Cloud Storage \(no network"):
+      from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+      checkpoint.restore_params(f"{gcs}/x")
+    with pytest.raises(errors.StorageError, match=r"^config.data_dir gs://"):
+      storage.check_access(f"{gcs}/tfds", write=False, what="config.data_dir")
+
+
+def test_a_missing_credentials_file_is_named_in_the_error():
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  why = storage._why(  # pylint: disable=protected-access
+      ValueError("UNAUTHENTICATED: 401"),
+      "E google_auth_provider.cc] Could not find the credentials file in the standard gcloud "
+      "location")
+  assert why.startswith("not authenticated; no Google credentials found (run `gcloud auth "
+                        "application-default login`")
+
+
+def test_launcher_uses_the_bucket_natively_and_gcsfuse_only_when_asked():
+
+  def train_and_install(*extra):
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "launch_tpu.py"), "--name=n", "--zone=z",
+         "--accelerator=v4-8", "--bucket=b", *extra, "--dry-run", "--",
+         "--config=configs/default.py"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    install = next(line for line in out.splitlines() if "pip install" in line)
+    train = next(line for line in out.splitlines() if "train.py" in line)
+    return re.search(r"train\.py --workdir=(\S+)", train).group(1), install
+
+  workdir, install = train_and_install()
+  assert workdir == "gs://b/vit_cls/n" and "gcsfuse" not in install
+  workdir, install = train_and_install("--gcsfuse")
+  assert workdir == "/mnt/gcs/vit_cls/n" and "gcsfuse --implicit-dirs b /mnt/gcs" in install
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data from a bucket.
+
+
+def test_a_prepared_tfds_dataset_and_an_image_folder_read_from_a_bucket(gcs, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vit_cls import input_pipeline, storage  # pylint: disable=g-import-not-at-top
+  local = _tiny_config(data_dir=str(tmp_path / "tfds"), batch_size=8, eval_batch_size=64)
+  input_pipeline.get_dataset_info(local)  # prepares the built-in digits locally
+  _upload_tree(str(tmp_path / "tfds"), f"{gcs}/tfds")
+  remote = _tiny_config(data_dir=f"{gcs}/tfds", batch_size=8, eval_batch_size=64)
+  assert input_pipeline.get_dataset_info(remote) == input_pipeline.get_dataset_info(local)
+  for a, b in zip(input_pipeline.create_train_iterator(remote),
+                  input_pipeline.create_train_iterator(local)):
+    np.testing.assert_array_equal(a["image"], b["image"])  # the same examples, the same order
+    np.testing.assert_array_equal(a["label"], b["label"])
+    break
+  assert sum(int(b["mask"].sum()) for b in input_pipeline.create_eval_iterator(remote)) == 360
+
+  rng = np.random.default_rng(0)
+  for split, per_class in (("train", 4), ("test", 2)):
+    for cls in ("cat", "dog"):
+      for i in range(per_class):
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(png, "PNG")
+        storage.write_bytes(f"{gcs}/images/{split}/{cls}/{i}.png", png.getvalue())
+  storage.write_bytes(f"{gcs}/images/train/README.txt", b"not a class")
+  folder = _tiny_config(dataset=f"imagefolder:{gcs}/images", batch_size=8, eval_batch_size=8)
+  info = input_pipeline.get_dataset_info(folder)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples,
+          info.label_names) == (2, 8, 4, ["cat", "dog"])
+  batch = next(input_pipeline.create_train_iterator(folder))
+  assert batch["image"].shape == (8, 16, 16, 3) and np.abs(batch["image"]).max() <= 1.0
+  assert sum(int(b["mask"].sum()) for b in input_pipeline.create_eval_iterator(folder)) == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training into a bucket, and reading its checkpoints.
+
+
+@pytest.fixture(scope="module")
+def trained(gcs):
+  """A 6-step run into gs://.../trained (checkpoints at 3 and 6), in this process."""
+  from vit_cls import train  # pylint: disable=g-import-not-at-top
+  workdir = f"{gcs}/trained"
+  metrics = train.train_and_evaluate(_tiny_config(), workdir)
+  return {"workdir": workdir, "metrics": metrics}
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_writes_everything_a_local_run_does(gcs, trained):
+  from vit_cls import metrics_log, storage  # pylint: disable=g-import-not-at-top
+  wd = trained["workdir"]
+  assert storage.listdir(f"{wd}/checkpoints") == ["3", "6"]
+  assert storage.exists(f"{wd}/checkpoints/6/commit_success.txt")
+  records = metrics_log.read_metrics(wd)
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 3, 4, 6]  # 3: a checkpoint
+  assert [r["step"] for r in records if r["split"] == "eval"] == [6]
+  assert records[0]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
+  assert storage.read_bytes(f"{wd}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  assert '"total_steps": 6' in storage.read_bytes(f"{wd}/config.json").decode()
+  assert not storage.exists(f"{wd}/.lock")  # released at the end
+  from tensorboard.backend.event_processing import event_accumulator
+  with storage.local_copy(f"{wd}/tensorboard") as local:
+    events = event_accumulator.EventAccumulator(local)
+    events.Reload()
+  assert [e.step for e in events.Tensors("eval/accuracy")] == [6]
+
+
+@pytest.mark.slow
+def test_load_convert_predict_and_init_from_read_gcs_checkpoints(gcs, trained, tmp_path):
+  import vit_cls  # pylint: disable=g-import-not-at-top
+  from vit_cls import checkpoint, convert, predict, storage, train
+  wd = trained["workdir"]
+  with storage.local_copy(wd) as local:
+    reference, _ = checkpoint.restore_params(local)
+  model, params = vit_cls.load(wd)
+  assert fh.same_params(params, reference) and model.num_classes == 10
+  assert fh.same_params(checkpoint.restore_params(f"{wd}/checkpoints/6")[0], reference)
+
+  convert.convert_checkpoint(wd, f"{gcs}/converted/ft.npz", num_classes=5, image_size=32)
+  converted, _ = checkpoint.restore_params(f"{gcs}/converted/ft.npz")
+  assert converted["head"]["kernel"].shape == (32, 5) and "pre_logits" not in converted
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  png = io.BytesIO()
+  Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(png, "PNG")
+  storage.write_bytes(f"{gcs}/images_predict/a.png", png.getvalue())
+  (path, ranked), = predict.predict(wd, [f"{gcs}/images_predict/a.png"], k=3)
+  assert path.endswith("a.png") and len(ranked) == 3 and ranked[0][0] in [str(i) for i in range(10)]
+
+  config = _tiny_config(init_from=wd)
+  config.model.representation_size = None
+  train.check_init_from(config, train.create_model(config, 10))  # shapes checked, no compile
+
+
+def _read_params(workdir):
+  from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.restore_params(workdir)[0]
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(
+    gcs, trained, capsys):
+  from vit_cls import storage, train  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/damaged"
+  _copy_tree(trained["workdir"], wd)
+  biggest = max(storage.listdir(f"{wd}/checkpoints/6/state/d"),
+                key=lambda f: len(storage.read_bytes(f"{wd}/checkpoints/6/state/d/{f}")))
+  path = f"{wd}/checkpoints/6/state/d/{biggest}"
+  storage.write_bytes(path, storage.read_bytes(path)[:100])  # truncated
+  train.train_and_evaluate(_tiny_config(), wd)
+  out = capsys.readouterr().out
+  assert re.search(
+      rf"checkpoint {re.escape(wd)}/checkpoints/6 is damaged .*falling back to "
+      rf"{re.escape(wd)}/checkpoints/3", out), out
+  assert storage.isdir(f"{wd}/checkpoints/6.damaged") and storage.listdir(f"{wd}/checkpoints") == [
+      "3", "6", "6.damaged"
+  ]
+  assert fh.same_params(_read_params(wd), _read_params(trained["workdir"]))  # retrained to the same
+
+
+@pytest.mark.slow
+def test_train_py_into_a_bucket_killed_and_resumed_ends_with_the_uninterrupted_parameters(
+    gcs, tmp_path):
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  env = fh.child_env(str(tmp_path / "xla_cache"))
+  run = ("--config.total_steps=8", "--config.checkpoint_every=4", "--config.log_every=1",
+         "--config.eval_every=8")
+  reference = fh.TrainRun(fh.tiny_train_args(f"{gcs}/uninterrupted", *run), env=env)
+  assert reference.wait(timeout=600) == 0, reference.text()[-3000:]
+
+  wd = f"{gcs}/killed"
+  first = fh.TrainRun(fh.tiny_train_args(wd, *run), env=env)
+  try:
+    assert first.wait_for(lambda line: line.startswith("step      5/"), timeout=300), first.text()
+    deadline = time.monotonic() + 120
+    while not storage.exists(f"{wd}/checkpoints/4/commit_success.txt"):
+      assert time.monotonic() < deadline and first.proc.poll() is None, first.text()[-3000:]
+      time.sleep(0.2)
+  finally:
+    first.proc.send_signal(signal.SIGKILL)
+    first.wait()
+  assert workdir_holder(wd)["pid"] == first.proc.pid  # a dead owner's lock is left behind
+  resumed = fh.TrainRun(fh.tiny_train_args(wd, *run), env=env)
+  assert resumed.wait(timeout=600) == 0, resumed.text()[-3000:]
+  assert re.search(rf"Resumed from {re.escape(wd)}/checkpoints/4\.", resumed.text("out"))
+  assert resumed.steps_printed()[0] == 5 and resumed.steps_printed()[-1] == 8
+  assert fh.same_params(_read_params(wd), _read_params(f"{gcs}/uninterrupted"))
+  assert storage.exists(f"{wd}/curves.png") and storage.listdir(f"{wd}/tensorboard")
+  assert not storage.exists(f"{wd}/.lock")
+
+
+def workdir_holder(workdir):
+  from vit_cls import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.lock_for(workdir).holder()
