@@ -603,14 +603,15 @@ def _fmt(mean: float, half: float) -> str:
 
 
 def processor_name() -> str:
+  """The CPU's model name, and whether it has AMX (bf16 matrix units): what a reader needs to compare."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      info = f.read()
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+              platform.machine())
+  return name + (" (AMX)" if "amx_bf16" in info else "")
 
 
 def write_table(path: str, summary, comparisons, rows, args, base, header: dict) -> None:
