@@ -78,14 +78,18 @@ def test_a_second_train_py_on_a_held_workdir_stops_at_once_and_a_killed_owner_is
   the first, the next run resumes from its checkpoint and finishes."""
   wd = tmp_path / "wd"
   env = fh.child_env(str(tmp_path / "xla_cache"))
-  args = fh.tiny_train_args(wd, "--config.total_steps=12", "--config.checkpoint_every=3",
-                            "--config.log_every=1", "--config.eval_every=12")
+  args = fh.tiny_train_args(wd, "--config.total_steps=60", "--config.checkpoint_every=3",
+                            "--config.log_every=1", "--config.eval_every=60")
   first = fh.TrainRun(args, env=env)
   try:
-    assert first.wait_for(lambda line: line.startswith("step      4/"), timeout=300), first.text()
+    # Saves may finish in the background: frozen once step 3 is committed, wherever it is then.
+    assert fh.wait_for_path(str(wd / "checkpoints" / "3" / "commit_success.txt"), first.proc,
+                            timeout=300), first.text()
     first.signal(signal.SIGSTOP)
     before = _snapshot(wd)
-    assert "checkpoints/3/commit_success.txt" in before and "metrics.jsonl" in before
+    committed = max(int(p.split("/")[1]) for p in before
+                    if re.fullmatch(r"checkpoints/\d+/commit_success\.txt", p))
+    assert "metrics.jsonl" in before
     second = subprocess.run([sys.executable, fh.TRAIN_PY, *args], capture_output=True, text=True,
                             env=env, timeout=120)
     assert second.returncode == 1, second.stderr[-3000:]
@@ -102,8 +106,8 @@ def test_a_second_train_py_on_a_held_workdir_stops_at_once_and_a_killed_owner_is
     first.wait()
   resumed = fh.TrainRun(args, env=env)
   assert resumed.wait(timeout=300) == 0, resumed.text()[-3000:]
-  assert re.search(r"Resumed from .*checkpoints/3\.", resumed.text("out")), resumed.text()
-  assert resumed.steps_printed()[0] == 4 and resumed.steps_printed()[-1] == 12
+  assert re.search(rf"Resumed from .*checkpoints/{committed}\.", resumed.text("out")), resumed.text()
+  assert resumed.steps_printed()[0] == committed + 1 and resumed.steps_printed()[-1] == 60
 
 
 # What a first run printed before (tensorflow-cpu 2.21, tensorflow-datasets 4.9.10): absl's and
