@@ -179,30 +179,6 @@ class Encoder1DBlock(nn.Module):
     return x, None
 
 
-class PatchEmbedding(nn.Module):
-  """The stride-`patch` VALID convolution of the original, computed as patchify + one matmul.
-
-  Parameters are those of `nn.Conv` (kernel (ph, pw, C, D), lecun normal; bias (D,), zeros). A convolution
-  whose stride equals its kernel size is a matmul of non-overlapping patches with the flattened kernel;
-  XLA's CPU backend runs that as a plain matrix product instead of its slower convolution path. Returns
-  [batch, patches, D], row-major over the patch grid, as the original's reshape of the conv output.
-  """
-
-  features: int
-  patch_size: tuple[int, int]
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images: Array) -> Array:
-    ph, pw = self.patch_size
-    n, h, w, c = images.shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (ph, pw, c, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    x = images.astype(self.dtype).reshape(n, h // ph, ph, w // pw, pw, c)
-    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(n, (h // ph) * (w // pw), ph * pw * c)
-    return x @ kernel.reshape(ph * pw * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
-
-
 class AddPositionEmbs(nn.Module):
   """Adds a learned (1, tokens, D) position embedding, initialised normal(0.02)."""
 
@@ -352,8 +328,10 @@ class VisionTransformer(nn.Module):
     if h % ph or w % pw:
       raise ValueError(f"image size {h}x{w} is not divisible by patch_size {ph}x{pw}; "
                        f"use an image size that is a multiple of the patch size.")
-    x = PatchEmbedding(self.hidden_size, (ph, pw), dtype=dtype, name="embedding")(images)
-    n, _, d = x.shape
+    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding="VALID", dtype=dtype,
+                name="embedding")(images)  # one linear embedding per non-overlapping patch
+    n, gh, gw, d = x.shape
+    x = x.reshape(n, gh * gw, d)  # row-major over the patch grid
 
     prefix, suffix = [], []  # tokens joined without position rows
     first = self.class_token_position == "first"

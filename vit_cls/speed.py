@@ -50,6 +50,12 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, causal: bool = False,
   * `cudnn`: cuDNN's flash-attention kernel (GPU, half precision); `fused` picks it where it applies.
   * `xla`: XLA's generic attention (`jax.nn.dot_product_attention`, heads-last).
   """
+  with jax.named_scope("attention_core"):  # names the ops for profiles (benchmarks/profile_step.py)
+    return _attention(q, k, v, impl=impl, causal=causal, probs_fn=probs_fn, need_probs=need_probs,
+                      matmul_dtype=matmul_dtype)
+
+
+def _attention(q, k, v, *, impl, causal, probs_fn, need_probs, matmul_dtype):
   if tokens_first(impl, q.dtype) and not (need_probs or probs_fn is not None):
     kernel = "cudnn" if impl in ("cudnn", "fused") else "xla"
     if impl == "fused":
@@ -79,6 +85,11 @@ def qkv_projection(x: Array, projections, *, fuse: bool, dtype, matmul_dtype=Non
   `fuse`: one [D, 3 * heads * hd] product instead of three (a bigger matmul, one read of x); the stored
   parameters stay three separate projections, as in the original.
   """
+  with jax.named_scope("qkv_projection"):
+    return _qkv_projection(x, projections, fuse=fuse, dtype=dtype, matmul_dtype=matmul_dtype)
+
+
+def _qkv_projection(x, projections, *, fuse, dtype, matmul_dtype):
   b, t, d = x.shape
   n, h = projections[0][1].shape
   x2 = x.astype(dtype).reshape(b * t, d)
