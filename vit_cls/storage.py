@@ -21,6 +21,7 @@ Only the standard library is imported here at start; TensorFlow and tensorstore 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import tempfile
@@ -139,17 +140,28 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Replaces `path` whole: a reader sees the old or the new content, never a part (a GCS object is
-  replaced in one request; a local file through a temporary file and a rename)."""
+  """Replaces `path` whole with `data` (see `write_atomically`)."""
+  write_atomically(path, lambda f: f.write(data))
+
+
+def write_atomically(path: str, write) -> None:
+  """`write(file)`, then `path` replaced whole: a reader or a crash sees the old or the new content,
+  never a part. A GCS object is uploaded in one request; a local file is written beside `path`, synced
+  and renamed into place (a failed write leaves no temporary file behind)."""
   if is_gcs(path):
+    buffer = io.BytesIO()
+    write(buffer)
     with _epath(path).open("wb") as f:
-      f.write(data)
+      f.write(buffer.getvalue())
     return
   directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Callable, Mapping
 
 Params = dict  # nested {name: {name: ... np.ndarray}}
@@ -55,28 +53,6 @@ def first_line(e: BaseException) -> str:
 
 
 def atomic_write(path: str, write: Callable) -> None:
-  """`write(file)` into a temporary file beside `path`, synced, then renamed into place.
-
-  A reader (or a crash) never sees half a file; a failed write leaves no temporary file behind. A
-  gs:// path is written in memory, then uploaded as one object (which is whole or absent too).
-  """
+  """`write(file)` into `path` atomically, on disk or gs:// (`vit_cls.storage.write_atomically`)."""
   from vit_cls import storage  # pylint: disable=g-import-not-at-top
-  if storage.is_gcs(path):
-    import io  # pylint: disable=g-import-not-at-top
-    buffer = io.BytesIO()
-    write(buffer)
-    storage.write_bytes(path, buffer.getvalue())
-    return
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  storage.write_atomically(path, write)
