@@ -626,27 +626,22 @@ def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
   return state, abstract
 
 
-def initialise_from(state: TrainState, config, logger) -> TrainState:
-  """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution."""
+def initialise_from(state: TrainState, config, logger, model=None) -> TrainState:
+  """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution.
+
+  `check_init_from` has checked the path and the model's switches before anything compiled.
+  """
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
-  _check_init_from_exists(config.init_from)
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
       config.init_from, checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
       patch_size=tuple(config.model.patch_size), image_size=config.image_size,
-      class_token_position=config.model.class_token_position,
-      model=create_model(config, _num_classes(state.params)))
+      class_token_position=config.model.class_token_position, model=model)
   if config.model.get("scan_layers", False):
     params = checkpoint.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
   params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
   return state.replace(params=params)
-
-
-def _num_classes(params) -> int:
-  """The number of classes of a params tree: the head's width, 0 without a head."""
-  head = params.get("head")
-  return 0 if head is None else int(head["bias"].shape[-1])
 
 
 def _check_init_from_exists(path: str) -> None:
@@ -743,7 +738,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state = restored
     logger.info(f"Resumed from {mngr.directory}/{int(jax.device_get(state.step))}.")
   elif config.get("init_from"):
-    state = initialise_from(state, config, logger)
+    state = initialise_from(state, config, logger, model)
   start_step = int(jax.device_get(state.step))
   if start_step >= config.total_steps:
     mngr.close()
