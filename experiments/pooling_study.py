@@ -633,7 +633,7 @@ def write_table(path: str, summary, comparisons, rows, args, base, header: dict)
       f"{header['devices']}. Wall clock of this invocation: **{header['wall_min']:.1f} min** "
       f"(compilation {header['compile_min']:.1f} min of it; {header['models']} models trained), "
       f"load average {header['load_start']} at the start and {header['load_end']} at the end "
-      f"(other jobs share the machine).",
+      f"(the study alone keeps {header['cores']} cores busy: a load above that is other jobs).",
   ]
   if args.note:
     lines += ["", f"**{args.note}**"]
