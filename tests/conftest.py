@@ -1,6 +1,8 @@
 """Test-wide setup: 8 simulated CPU devices (so sharding is tested), and caches kept out of $HOME."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Must happen before jax initialises its backends, or the device count silently stays 1.
@@ -11,6 +13,12 @@ _cache = tempfile.mkdtemp(prefix="vit_cls_test_cache_")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_cache, "mpl"))
 os.environ.setdefault("KERAS_HOME", os.path.join(_cache, "keras"))
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_cache, "tfds"))
+# One persistent XLA compilation cache for the session, inherited by every train.py the tests start:
+# the tiny test model's steps are compiled once instead of in every test and child process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 import pytest  # noqa: E402  (after the environment above is set)
