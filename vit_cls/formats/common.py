@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 Params = dict  # nested {name: {name: ... np.ndarray}}
 
@@ -50,9 +50,3 @@ def first_line(e: BaseException) -> str:
   """The first line of an exception's message (its type name when it has none)."""
   text = str(e).strip()
   return text.splitlines()[0] if text else type(e).__name__
-
-
-def atomic_write(path: str, write: Callable) -> None:
-  """`write(file)` into `path` atomically, on disk or gs:// (`vit_cls.storage.write_atomically`)."""
-  from vit_cls import storage  # pylint: disable=g-import-not-at-top
-  storage.write_atomically(path, write)

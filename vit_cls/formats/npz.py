@@ -25,8 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vit_cls.formats.common import (Params, atomic_write, first_line as _first_line, flatten,
-                                    plain, unflatten)
+from vit_cls import storage
+from vit_cls.formats.common import Params, first_line as _first_line, flatten, plain, unflatten
 
 # The sub-modules of one encoder block, in the order they are created (= pre-linen global numbering).
 _BLOCK_ORDER = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
@@ -215,4 +215,4 @@ def save_npz(params: Mapping, path: str | os.PathLike, config: Any = None,
   if config is not None:
     text = json.dumps(export_config(config, image_size), sort_keys=True)
     flat[CONFIG_KEY] = np.frombuffer(text.encode("utf-8"), np.uint8)
-  atomic_write(path, lambda f: np.savez(f, **flat))
+  storage.write_atomically(path, lambda f: np.savez(f, **flat))

@@ -21,8 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
+from vit_cls import storage
 from vit_cls.errors import CheckpointError
-from vit_cls.formats.common import atomic_write
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
@@ -145,4 +145,4 @@ def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     for a in arrays:
       f.write(a.tobytes())
 
-  atomic_write(path, write_all)
+  storage.write_atomically(path, write_all)
