@@ -116,3 +116,35 @@ def test_overlapping_offsets_and_bad_json(tmp_path):
   one_line_error(path, r"tensor 'b' starts at byte 4, expected 8 \(overlapping or gapped data_offsets\)")
   path.write_bytes(struct.pack("<Q", 5) + b"{abc}")
   one_line_error(path, r"the header is not JSON")
+
+
+def _raw_header_file(tmp_path, raw: bytes, data: bytes = b""):
+  path = tmp_path / "x.safetensors"
+  path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+  return path
+
+
+@pytest.mark.parametrize("raw, data, match", [
+    # numpy cannot make an array this large even though it is empty (ValueError before).
+    (b'{"a":{"dtype":"F32","shape":[0,1000000000000000000000000000000],"data_offsets":[0,0]}}', b"",
+     r"tensor 'a': shape \[0, 10+\] is larger than any array can be"),
+    (b'{"a":{"dtype":"F32","shape":[0,4611686018427387904],"data_offsets":[0,0]}}', b"",
+     r"tensor 'a': shape \[0, 4611686018427387904\] is larger than any array can be"),
+    # JSON booleans are not dimensions (a TypeError before).
+    (b'{"a":{"dtype":"F32","shape":[true,2],"data_offsets":[0,8]}}', bytes(8),
+     r"tensor 'a': shape \[True, 2\] is not a list of non-negative integers"),
+    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[false,8]}}', bytes(8),
+     r"tensor 'a': data_offsets \[False, 8\] is not \[begin, end\]"),
+    # A header nested 200,000 deep (a RecursionError before).
+    (b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}", b"", r"the header's JSON nests too deeply"),
+    # The same name twice: json.loads kept the last one silently before.
+    (b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+     b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', bytes(8),
+     r"the header names tensor 'a' twice"),
+])
+def test_odd_headers_are_the_readers_one_line_error(tmp_path, raw, data, match):
+  path = _raw_header_file(tmp_path, raw, data)
+  with pytest.raises(CheckpointError, match=match) as e:
+    st.read(path)
+  assert "\n" not in str(e.value) and str(path) in str(e.value)
+  one_line_error(path, match)  # and through vit_cls.load, which sniffs the format first

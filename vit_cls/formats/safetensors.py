@@ -7,8 +7,8 @@ why it is the one foreign weight format read here.
 
 The reader is strict, the way the reference implementation is: the header must fit in the file and stay
 under 100 MB, every tensor's byte range must match its shape and dtype, the ranges must tile the buffer
-without gaps or overlaps, and the buffer must end where the file ends. Each failure is one `CheckpointError`
-line naming the file and the tensor. bfloat16 (no numpy dtype) is widened to float32 on read, exactly.
+without gaps or overlaps, the buffer must end where the file ends, and no name may appear twice. Each
+failure is one `CheckpointError` line naming the file and the tensor. bfloat16 (no numpy dtype) is widened to float32 on read, exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +28,20 @@ MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "BF16": "<u2"}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items() if k != "BF16"}
+_MAX_ARRAY_BYTES = np.iinfo(np.intp).max
+
+
+class _DuplicateName(Exception):
+  """A JSON object of the header names a key twice (json.loads would keep the last silently)."""
+
+
+def _refuse_duplicate_names(pairs: list) -> dict:
+  seen = {}
+  for key, value in pairs:
+    if key in seen:
+      raise _DuplicateName(key)
+    seen[key] = value
+  return seen
 
 
 def is_safetensors(path: str) -> bool:
@@ -56,9 +70,13 @@ def read_header(path: str) -> tuple[dict, dict, int]:
                 f"(truncated, or not safetensors; headers are at most {MAX_HEADER_BYTES:,} bytes)")
     raw = f.read(n)
   try:
-    header = json.loads(raw.decode("utf-8"))
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_names)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise bad(f"the header is not JSON ({e})") from None
+  except RecursionError:  # a deeply nested array or object: no real header nests past 3 levels
+    raise bad("the header's JSON nests too deeply") from None
+  except _DuplicateName as e:
+    raise bad(f"the header names tensor '{e}' twice (a reader would silently keep only one)") from None
   if not isinstance(header, dict):
     raise bad("the header is not a JSON object")
   metadata = header.pop("__metadata__", None) or {}
@@ -73,12 +91,18 @@ def read_header(path: str) -> tuple[dict, dict, int]:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in _DTYPES:
       raise bad(f"{where}: dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
-      raise bad(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    # `type(d) is int`: JSON's true/false arrive as bool, which isinstance(d, int) accepts.
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+      raise bad(f"{where}: shape {str(shape)[:100]} is not a list of non-negative integers")
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    # numpy refuses an array whose extents (zeros counted as 1) need more bytes than an address holds,
+    # even when it is empty: [0, 10**30] would pass the byte count below and fail in np.empty.
+    if math.prod(max(d, 1) for d in shape) * itemsize > _MAX_ARRAY_BYTES:
+      raise bad(f"{where}: shape {str(shape)[:100]} is larger than any array can be")
     if (not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-      raise bad(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-    need = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+      raise bad(f"{where}: data_offsets {str(offsets)[:100]} is not [begin, end] with 0 <= begin <= end")
+    need = math.prod(shape) * itemsize
     if offsets[1] - offsets[0] != need:
       raise bad(f"{where}: shape {shape} of {dtype} needs {need:,} bytes, data_offsets give "
                 f"{offsets[1] - offsets[0]:,}")
