@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import zipfile
@@ -363,6 +364,40 @@ def test_a_read_error_that_proves_nothing_stops_in_one_line_and_renames_nothing(
   assert fh.step_dirs(workdir) == [2, 4] and not list((workdir / "checkpoints").glob("*.damaged*"))
 
 
+def _without_root_powers() -> list[str]:
+  """A command prefix under which permission bits hold: root's file capabilities dropped at exec
+  (what a run as an ordinary user, or in a container without them, has)."""
+  if os.geteuid() != 0:
+    return []
+  if not shutil.which("setpriv"):
+    pytest.skip("running as root without setpriv (util-linux) to drop the permission override")
+  return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_an_unreadable_newest_step_stops_train_py_and_is_not_moved_aside(trained, tmp_path, xla_cache):
+  """A real permission error, not an injected one: `chmod 000` on the newest step. Asking whether its
+  files exist fails with EACCES (os.path.exists answered False: "state/_METADATA is missing", and the
+  step was renamed `4.damaged`); now the run stops in one line naming the path and the errno."""
+  workdir = _copy(trained, tmp_path)
+  step = workdir / "checkpoints" / "4"
+  step.chmod(0)
+  try:
+    run = subprocess.run([*_without_root_powers(), sys.executable, os.path.join(fh.REPO, "train.py"),
+                          *fh.tiny_train_args(workdir, "--config.total_steps=6",
+                                              "--config.checkpoint_every=2", "--config.eval_every=4")],
+                         env=fh.child_env(xla_cache), capture_output=True, text=True, timeout=300)
+  finally:
+    step.chmod(0o755)
+  errors_said = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert run.returncode == 1 and len(errors_said) == 1, run.stdout[-2000:] + run.stderr[-3000:]
+  assert re.fullmatch(
+      rf"error: checkpoint {step} could not be read \(.+\), nor checked for damage \(PermissionError: "
+      rf"EACCES, Permission denied: {step}/\S+\): stopping without renaming anything; fix the storage .*",
+      errors_said[0]), errors_said[0]
+  assert "damaged" not in run.stdout and fh.step_dirs(workdir) == [2, 4]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
 def test_a_read_error_that_also_stops_the_damage_check_renames_nothing(trained, tmp_path, monkeypatch):
   """EIO on every read of the step, the checksum pass included: nothing can be proven either way."""
   workdir = _copy(trained, tmp_path)
@@ -372,8 +407,8 @@ def test_a_read_error_that_also_stops_the_damage_check_renames_nothing(trained, 
   with pytest.raises(errors.StorageError) as e:
     _restore(workdir, trained["config"], trained["abstract"])
   _one_line(str(e.value))
-  assert "could not be read (OSError: Input/output error" in str(e.value)
-  assert "nor checked for damage (OSError: Input/output error" in str(e.value)
+  assert "could not be read (OSError: EIO, Input/output error" in str(e.value)
+  assert "nor checked for damage (OSError: EIO, Input/output error" in str(e.value)
   assert fh.step_dirs(workdir) == [2, 4] and not list((workdir / "checkpoints").glob("*.damaged*"))
 
 
@@ -432,7 +467,7 @@ def test_disk_full_stops_train_py_in_one_line_and_the_rerun_resumes(tmp_path, xl
   assert full.wait(timeout=600) == 1, full.text()[-3000:]
   errors = [t for _, s, t in full.lines if s == "err" and t.startswith("error:")]
   assert len(errors) == 1 and "Traceback" not in full.text("err"), full.text("err")[-3000:]
-  assert re.fullmatch(r"error: saving the checkpoint of step 6 failed \(OSError: No space left on "
+  assert re.fullmatch(r"error: saving the checkpoint of step 6 failed \(OSError: ENOSPC, No space left on "
                       r"device\); the previous checkpoint: step 4 in .* is intact\. .*", errors[0])
   assert fh.step_dirs(tmp_path / "wd") == [2, 4]
   rerun = fh.TrainRun(args, env=env)

@@ -20,7 +20,10 @@ none. Evidence is:
 * tensorstore's own check of what the save recorded failed: a `DATA_LOSS` status (the CRC-32C its OCDBT
   files store did not match) or a byte range beyond the end of a file that the save's index points into.
 
-Reading the evidence can fail too (the same bad disk): that OSError propagates, and the caller stops
+Only "no such file" counts as missing: whether a file exists is asked with
+`storage.exists_or_raise`, because `os.path.exists` (and epath's `exists` for local paths) answers False
+on EACCES, EIO and ESTALE, which would turn an unreadable step into a "missing" one. Reading the evidence
+can fail too (the same bad disk, a permission, a 403): that error propagates, and the caller stops
 without renaming anything. The checksums cost a read of the step once per save (in the background
 with asynchronous saves) and once more only when a restore fails.
 """
@@ -32,6 +35,8 @@ import re
 import zlib
 
 from etils import epath
+
+from vit_cls import storage
 
 NAME = "vit_cls_manifest.json"
 _CHUNK = 8 << 20
@@ -61,6 +66,10 @@ def _files(step_dir: epath.Path) -> list[str]:
   return sorted(out)
 
 
+def _exists(path: epath.Path) -> bool:
+  return storage.exists_or_raise(str(path))
+
+
 def _crc32(path: epath.Path) -> int:
   crc = 0
   with path.open("rb") as f:
@@ -83,7 +92,7 @@ def read(step_dir) -> dict | None:
   kill between the commit and the manifest). A manifest that does not parse counts as none: it is
   written whole or not at all, so it proves nothing about the step's other files."""
   path = epath.Path(step_dir) / NAME
-  if not path.exists():
+  if not _exists(path):
     return None
   try:
     return {k: tuple(v) for k, v in json.loads(path.read_text())["files"].items()}
@@ -95,7 +104,8 @@ def damage_evidence(step_dir, error: BaseException | None = None) -> str | None:
   """Why the step is damaged, in a few words, or None when nothing shows it is.
 
   `error` is what reading the step raised; only tensorstore's reports of a mismatch against the
-  save's own records count from it. OSError (the evidence itself cannot be read) propagates.
+  save's own records count from it. An error reading the evidence itself (an OSError, or Cloud
+  Storage's own error types: `storage.is_io_failure`) propagates.
   """
   step_dir = epath.Path(step_dir)
   from orbax.checkpoint._src.path import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -106,7 +116,7 @@ def damage_evidence(step_dir, error: BaseException | None = None) -> str | None:
     problems = []
     for rel, (size, crc) in sorted(recorded.items()):
       path = step_dir / rel
-      if not path.exists():
+      if not _exists(path):
         problems.append(f"{rel} is missing")
         continue
       got = path.stat().length
@@ -118,11 +128,11 @@ def damage_evidence(step_dir, error: BaseException | None = None) -> str | None:
       more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
       return f"{problems[0]}{more}"
   for rel in _REQUIRED:
-    if not (step_dir / rel).exists():
+    if not _exists(step_dir / rel):
       return f"{rel} is missing"
   for rel in _JSON_FILES:
     path = step_dir / rel
-    if path.exists():
+    if _exists(path):
       try:
         json.loads(path.read_bytes().decode("utf-8"))
       except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike

@@ -24,6 +24,7 @@ import contextlib
 import io
 import os
 import posixpath
+import sys
 import tempfile
 import uuid
 from typing import Iterator
@@ -70,6 +71,59 @@ def _epath(path: str):
 
 def exists(path: str) -> bool:
   return _epath(path).exists() if is_gcs(path) else os.path.exists(path)
+
+
+def exists_or_raise(path: str) -> bool:
+  """Whether `path` exists, where only "no such file" answers False: any other failure to find out
+  (a permission, EIO, a stale NFS handle, a 403 from Cloud Storage) raises.
+
+  `os.path.exists` answers False on every error, so a step that merely cannot be read would look like a
+  step whose files are missing, which is proof of damage; this is the check evidence may use.
+  """
+  if is_gcs(path):
+    # TensorFlow's `exists` (epath's gs:// backend) answers False only on NOT_FOUND and raises the rest.
+    return _epath(path).exists()
+  try:
+    os.stat(path)
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+  return True
+
+
+# The status codes (tensorstore, TensorFlow, gRPC share them) that describe the storage or the network,
+# never the bytes or the caller: a read failing with one of them proves nothing about a checkpoint.
+_IO_STATUS_CODES = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+                    "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED")
+_IO_HTTP_CODES = (401, 403, 408, 429, 500, 502, 503, 504)
+
+
+def is_io_failure(error: BaseException) -> bool:
+  """Whether `error` (or an exception it was raised from) is the storage failing, decided by type, errno
+  and status code, never by searching the message: an OSError; TensorFlow's errors of the I/O codes
+  above; google-cloud-storage's HTTP errors of those kinds; and tensorstore's errors, which are all
+  ValueError and carry their status code only as the message's first word (`PERMISSION_DENIED: ...`).
+  An INVALID_ARGUMENT or FAILED_PRECONDITION (a sharding or shape mismatch) is not I/O: it keeps its
+  traceback wherever this is asked.
+  """
+  seen, visited = error, set()
+  while seen is not None and id(seen) not in visited:
+    visited.add(id(seen))
+    if isinstance(seen, OSError):
+      return True
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(seen, tuple(getattr(tf.errors, n) for n in _TF_IO_ERRORS)):
+      return True
+    api = sys.modules.get("google.api_core.exceptions")
+    if api is not None and isinstance(seen, api.GoogleAPICallError) and seen.code in _IO_HTTP_CODES:
+      return True
+    if type(seen) is ValueError and str(seen).split(":", 1)[0] in _IO_STATUS_CODES:
+      return True  # tensorstore's status, as its Python binding raises it
+    seen = seen.__cause__ or seen.__context__
+  return False
+
+
+_TF_IO_ERRORS = ("PermissionDeniedError", "UnauthenticatedError", "UnavailableError",
+                 "DeadlineExceededError", "ResourceExhaustedError", "AbortedError", "CancelledError")
 
 
 def isdir(path: str) -> bool:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import os
-import re
 import signal
 import time
 from typing import Any
@@ -324,7 +324,8 @@ def _reason(e: BaseException, limit: int = 240) -> str:
   """An exception as one short line: orbax and tensorstore errors run to many lines of context."""
   text = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, OSError) and e.strerror:
-    text = e.strerror + (f": {e.filename}" if e.filename else "")
+    code = f"{errno.errorcode[e.errno]}, " if e.errno in errno.errorcode else ""
+    text = f"{code}{e.strerror}" + (f": {e.filename}" if e.filename else "")
   text = f"{type(e).__name__}: {text}"
   return text if len(text) <= limit else text[:limit] + "..."
 
@@ -391,17 +392,6 @@ class _DamagedCheckpoint(Exception):
   """Proof, found while reading, that a step is not what a save of this program writes."""
 
 
-def _read_failure_is_storage(e: BaseException) -> bool:
-  """Whether a failed read looks like I/O (an OSError, or a tensorstore status such as
-  `PERMISSION_DENIED: ...`) rather than a bug in the reading code, which keeps its traceback."""
-  seen = e
-  while seen is not None:
-    if isinstance(seen, OSError) or re.match(r"[A-Z][A-Z_]+: ", str(seen)):
-      return True
-    seen = seen.__cause__ or seen.__context__
-  return False
-
-
 def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState | None:
   """The newest checkpoint that reads back whole, or None when the workdir has none.
 
@@ -437,13 +427,15 @@ def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState 
       else:
         try:
           reason = manifest.damage_evidence(where, e)
-        except OSError as check_error:
+        except Exception as check_error:  # pylint: disable=broad-except
+          if not storage.is_io_failure(check_error):
+            raise
           raise errors.StorageError(
               f"checkpoint {where} could not be read ({_reason(e)}), nor checked for damage "
               f"({_reason(check_error)}): stopping without renaming anything; fix the storage "
               f"(permissions, disk, mount) and rerun.") from None
         if reason is None:
-          if not _read_failure_is_storage(e):
+          if not storage.is_io_failure(e):
             raise  # a bug, not the storage: its traceback
           raise errors.StorageError(
               f"checkpoint {where} could not be read ({_reason(e)}) and nothing shows it is damaged "
