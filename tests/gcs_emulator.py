@@ -174,6 +174,25 @@ def _answer(handler, status: HTTPStatus, obj: dict) -> None:
   handler.wfile.write(body)
 
 
+# A file of object-name prefixes, one a line, whose objects answer 403 to reads (metadata and media),
+# as objects the caller's service account may not read do. Listings still show them, as in real GCS.
+_DENY_FILE = ""
+
+
+def _denied_object(path: str, query: dict) -> str | None:
+  """The object a request reads when a deny-list prefix covers it, else None."""
+  from urllib.parse import unquote  # pylint: disable=g-import-not-at-top
+  if not _DENY_FILE or not os.path.exists(_DENY_FILE):
+    return None
+  m = re.fullmatch(r"(?:/download)?(?:/storage/v1)?/b/[-.\w]+/o/(.+)", path)
+  if not m:
+    return None
+  name = unquote(m.group(1))
+  with open(_DENY_FILE, encoding="utf-8") as f:
+    prefixes = [line.strip() for line in f if line.strip()]
+  return name if any(name.startswith(p) for p in prefixes) else None
+
+
 def _patch_emulator() -> None:
   from gcp_storage_emulator import exceptions  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
@@ -239,6 +258,10 @@ def _patch_emulator() -> None:
                   "enabled": False
               }
           })
+    denied = _denied_object(url.path, query)
+    if denied is not None and self._request_handler.command in ("GET", "HEAD"):
+      return _answer(self._request_handler, HTTPStatus.FORBIDDEN, {"error": {
+          "code": 403, "message": f"{denied}: the caller does not have storage.objects.get access"}})
     wanted = query.get("ifGenerationMatch", [None])[0]
     if wanted is not None:
       parts = url.path.split("/b/", 1)[-1].split("/o", 1)
@@ -267,6 +290,8 @@ def serve(directory: str) -> None:
   line)."""
   import logging  # pylint: disable=g-import-not-at-top
   logging.disable(logging.CRITICAL)
+  global _DENY_FILE
+  _DENY_FILE = os.path.join(directory, "deny.txt")
   _patch_emulator()
   from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top
   emulator_port, proxy_port = _free_port(), _free_port()
@@ -287,7 +312,8 @@ def serve(directory: str) -> None:
       "no_proxy": "127.0.0.1,localhost",
       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
       "NO_GCE_CHECK": "true",
-      "GCS_BUCKET": BUCKET
+      "GCS_BUCKET": BUCKET,
+      "GCS_EMULATOR_DENY_FILE": _DENY_FILE,
   }),
         flush=True)
   threading.Event().wait()

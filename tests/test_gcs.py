@@ -311,6 +311,30 @@ def test_a_damaged_newest_checkpoint_in_a_bucket_falls_back_to_the_previous_one(
 
 
 @pytest.mark.slow
+def test_an_unreadable_newest_checkpoint_in_a_bucket_stops_and_is_not_moved_aside(gcs, trained):
+  """A 403 on the newest step's objects (a service account without storage.objects.get on them) is the
+  storage refusing, not damage: one line naming the step and Cloud Storage's error, nothing renamed."""
+  from vit_cls import errors, storage, train  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/unreadable"
+  _copy_tree(trained["workdir"], wd)
+  deny = os.environ["GCS_EMULATOR_DENY_FILE"]
+  with open(deny, "w", encoding="utf-8") as f:
+    f.write("unreadable/checkpoints/6/\n")
+  try:
+    with pytest.raises(errors.StorageError) as e:
+      train.train_and_evaluate(_tiny_config(), wd)
+  finally:
+    os.remove(deny)
+  message = str(e.value)
+  # orbax's manager already fails as it lists the steps (it asks whether step 6 was committed).
+  assert "\n" not in message and re.fullmatch(
+      rf"the checkpoints in {re.escape(wd)}/checkpoints could not be listed \(PermissionDeniedError: "
+      r".*403.*\): stopping without renaming anything; fix the storage .*", message), message
+  assert "damaged" not in message
+  assert storage.listdir(f"{wd}/checkpoints") == ["3", "6"]
+
+
+@pytest.mark.slow
 def test_train_py_into_a_bucket_killed_and_resumed_ends_with_the_uninterrupted_parameters(
     gcs, tmp_path):
   from vit_cls import storage  # pylint: disable=g-import-not-at-top

@@ -40,11 +40,15 @@ from vit_cls import workdir as workdir_lib
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
-# Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder (one atomic rename, so a
-# kill never leaves a half-deleted step that looks like a checkpoint) and save_checkpoint empties it.
+# Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder and save_checkpoint
+# empties it. On a local disk that is one atomic rename, so a kill never leaves a half-deleted step that
+# looks like a checkpoint; on gs:// a "rename" copies then deletes object by object, so a kill there can
+# leave a partial step under either name (the step's own commit marker goes with the copy).
 TRASH_DIR = "trash"
 # A step that does not read back whole is renamed to "<step>" + this suffix: orbax lists only all-digit
-# names, so it is never taken for a checkpoint again, and the files stay for a post-mortem.
+# names, so it is never taken for a checkpoint again, and the files stay for a post-mortem. Not atomic on
+# gs:// (copy, then delete, per object): a kill mid-way leaves the step under both names, and the next
+# start finds the damaged original again and moves the rest.
 DAMAGED_SUFFIX = ".damaged"
 # Fields of config.model that describe the checkpoint, not the architecture.
 _NON_ARCHITECTURE_FIELDS = ("name",)
@@ -211,7 +215,15 @@ def create_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
       # garbage collection cannot leave a half-deleted step that still looks like a checkpoint.
       todelete_subdir=TRASH_DIR)
   _empty_trash(directory)  # a kill between a step's removal and the emptying left it there
-  mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  try:  # the manager lists the steps and reads whether each was finalised
+    mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_io_failure(e):
+      raise
+    raise errors.StorageError(
+        f"the checkpoints in {directory} could not be listed ({_reason(e)}): stopping without "
+        f"renaming anything; fix the storage (permissions, disk, mount, bucket access) and "
+        f"rerun.") from None
   mngr.vit_cls_in_flight = in_flight
   return mngr
 
