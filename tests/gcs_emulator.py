@@ -162,6 +162,75 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A faulty network between tensorstore and the emulator, for the lease tests.
+
+
+class FaultyProxy:
+  """Plain HTTP in front of the emulator, in a thread of the test process: point a client at it with
+  TENSORSTORE_GCS_HTTP_URL=proxy.url. Every request is forwarded, except that `fault(method, url)`,
+  asked once per request, may answer "drop" (forward it, so it lands, then close the connection
+  without an answer: a response lost on the way back) or "hang" (forward nothing, answer nothing:
+  a network partition). `seen` lists (method, url, what was done) in order."""
+
+  def __init__(self, emulator_url: str, fault):
+    import http.server  # pylint: disable=g-import-not-at-top
+    from urllib.parse import urlparse  # pylint: disable=g-import-not-at-top
+    target = urlparse(emulator_url)
+    self.seen: list[tuple[str, str, str]] = []
+    self._release = threading.Event()
+    proxy = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def _handle(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        action = fault(self.command, self.path) or "forward"
+        proxy.seen.append((self.command, self.path, action))
+        if action == "hang":
+          proxy._release.wait()  # until the proxy is closed; the client gives up first
+          self.close_connection = True
+          return
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "connection", "content-length")}
+        if body is not None:
+          headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+        conn.request(self.command, self.path, body=body, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        conn.close()
+        if action == "drop":  # it landed; the client never hears so
+          self.close_connection = True
+          self.connection.shutdown(socket.SHUT_RDWR)
+          return
+        self.send_response(answer.status, answer.reason)
+        for k, v in answer.getheaders():
+          if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+          self.wfile.write(data)
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+      def log_message(self, *args):  # pylint: disable=arguments-differ
+        pass
+
+    self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self._server.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+  def close(self) -> None:
+    self._release.set()
+    self._server.shutdown()
+    self._server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------------
 # The emulator, with what it lacks.
 
 

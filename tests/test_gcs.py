@@ -90,6 +90,78 @@ def test_storage_reads_writes_lists_renames_and_removes_in_a_bucket(gcs):
   assert "storage_test" not in storage.listdir(gcs)
 
 
+def _plant(wd, record):
+  """Writes `record` as the lock object of `wd`, whatever is there."""
+  from vit_cls import workdir  # pylint: disable=g-import-not-at-top
+  probe = workdir.lock_for(wd)
+  current = probe._read()  # pylint: disable=protected-access
+  assert probe._write(record, current.stamp.generation)  # pylint: disable=protected-access
+
+
+class _Clock:
+  """The lease's injected clock: the wall clock `ahead` seconds off this machine's; with `virtual`,
+  sleeping takes no time (the monotonic clock jumps instead)."""
+
+  def __init__(self, ahead: float = 0.0, virtual: bool = False):
+    self.ahead, self.virtual, self.slept = ahead, virtual, 0.0
+
+  def time(self):
+    return time.time() + self.ahead
+
+  def monotonic(self):
+    return time.monotonic() + (self.slept if self.virtual else 0.0)
+
+  def sleep(self, seconds):
+    if self.virtual:
+      self.slept += seconds
+    else:
+      time.sleep(seconds)
+
+
+_HOLDER = """
+import sys, time
+from vit_cls import workdir
+lock = workdir._GcsLock(sys.argv[1])
+for name, value in zip(("HEARTBEAT_S", "RETRY_S", "LEASE_S", "MARGIN_S"), sys.argv[2:6]):
+  setattr(lock, name, float(value))
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[6]))
+lock.release()
+print("released", flush=True)
+"""
+
+
+def _hold_in_child(workdir, endpoint, hold_s, heartbeat_s=0.2, retry_s=0.1, lease_s=3.0,
+                   margin_s=1.0):
+  """A run holding the lease of `workdir` for `hold_s` seconds (then releasing it), in a process
+  of its own (losing the lease ends it), talking to storage through `endpoint`; fast timings."""
+  env = {**os.environ, "TENSORSTORE_GCS_HTTP_URL": endpoint, "PYTHONPATH": REPO}
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _HOLDER, workdir,
+       *map(str, (heartbeat_s, retry_s, lease_s, margin_s, hold_s))],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  line = proc.stdout.readline()
+  assert line == "held\n", (line, proc.stderr.read() if proc.poll() is not None else "")
+  return proc
+
+
+def _lease_writes(workdir):
+  """The fault rule's test for an upload of `workdir`'s lock object: None, "create" or "renew"."""
+  name = workdir.split("/", 3)[3].replace("/", "%2F") + "%2F.lock"
+
+  def kind(method, url):
+    if method != "POST" or f"name={name}&" not in url + "&":
+      return None
+    return "create" if "ifGenerationMatch=0" in url else "renew"
+
+  return kind
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def test_the_workdir_lock_in_a_bucket(gcs):
   """Created only if absent; the holder is named; a dead holder on this host, or one whose lease ran
   out elsewhere, is taken over; a live one elsewhere is not; release deletes it."""
@@ -104,20 +176,18 @@ def test_the_workdir_lock_in_a_bucket(gcs):
   held.release()
   assert workdir.lock_for(wd).holder() is None  # deleted
 
-  def plant(record):
-    probe = workdir.lock_for(wd)
-    current = probe._read()  # pylint: disable=protected-access
-    assert probe._write(record, current.stamp.generation)  # pylint: disable=protected-access
-
   now = time.time()
-  dead_pid = {"host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": now}
+  dead_pid = {"host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": now,
+              **workdir._pid_space()}  # pylint: disable=protected-access
   lease_ran_out = {"host": "elsewhere", "pid": 1, "heartbeat": now - 500}
   for stale in (dead_pid, lease_ran_out):
-    plant(stale)
-    taken = workdir.lock_for(wd).acquire()
+    _plant(wd, stale)
+    clock = _Clock(virtual=True)  # the lease ran out is seen by watching it for 120 s: no time here
+    taken = workdir._GcsLock(wd, clock=clock).acquire()  # pylint: disable=protected-access
     assert workdir.lock_for(wd).holder()["pid"] == os.getpid()
+    assert clock.slept == (0 if stale is dead_pid else pytest.approx(120, abs=1))
     taken.release()
-  plant({"host": "elsewhere", "pid": 1, "heartbeat": now})
+  _plant(wd, {"host": "elsewhere", "pid": 1, "heartbeat": now})
   with pytest.raises(workdir.WorkdirBusyError, match="pid 1 on host elsewhere"):
     workdir.lock_for(wd).acquire()
   # Two runs that read "absent" at the same moment: the precondition lets one create it.
@@ -125,6 +195,114 @@ def test_the_workdir_lock_in_a_bucket(gcs):
   absent = probe._read().stamp.generation  # pylint: disable=protected-access
   assert probe._write({"pid": 1}, absent)  # pylint: disable=protected-access
   assert not other._write({"pid": 2}, absent)  # pylint: disable=protected-access
+
+
+def test_a_lease_write_whose_answer_is_lost_is_recognised_as_the_runs_own(gcs):
+  """The create and the first renewal land, their answers are dropped: tensorstore's retry (or the
+  next renewal) then fails its precondition against the run's own new generation. The run
+  re-reads the object, finds its own record (host, pid, token) and keeps the lease."""
+  wd = f"{gcs}/lease_lost_answer"
+  kind, dropped = _lease_writes(wd), set()
+
+  def drop_first_of_each(method, url):
+    what = kind(method, url)
+    if what and what not in dropped:
+      dropped.add(what)
+      return "drop"
+    return None
+
+  proxy = gcs_emulator.FaultyProxy(os.environ["TENSORSTORE_GCS_HTTP_URL"], drop_first_of_each)
+  try:
+    holder = _hold_in_child(wd, proxy.url, hold_s=2.0, lease_s=5.0)
+    out, err = holder.communicate(timeout=60)
+  finally:
+    proxy.close()
+  assert (holder.returncode, out, _error_lines(err)) == (0, "released\n", []), err
+  assert dropped == {"create", "renew"}
+  renewals = [action for method, url, action in proxy.seen if kind(method, url) == "renew"]
+  assert renewals[0] == "drop" and len(renewals) >= 5  # renewed on after the lost answer
+  from vit_cls import workdir  # pylint: disable=g-import-not-at-top
+  assert workdir.lock_for(wd).holder() is None  # released: deleted
+
+
+def test_a_run_that_cannot_renew_stops_before_its_lease_can_be_taken(gcs):
+  """Renewals hang from the second on (a partition): the holder exits with one line once its last
+  successful renewal is LEASE_S - MARGIN_S old, before a newcomer watching the generation it
+  wrote could take over (LEASE_S after that write)."""
+  wd = f"{gcs}/lease_partition"
+  kind, renewals, cut = _lease_writes(wd), [], []
+
+  def partition_after_first_renewal(method, url):
+    if kind(method, url) != "renew":
+      return None
+    renewals.append(url)
+    if len(renewals) == 1:
+      return None
+    if not cut:
+      cut.append(time.monotonic())
+    return "hang"
+
+  proxy = gcs_emulator.FaultyProxy(os.environ["TENSORSTORE_GCS_HTTP_URL"],
+                                   partition_after_first_renewal)
+  try:
+    holder = _hold_in_child(wd, proxy.url, hold_s=10.0, heartbeat_s=0.2, lease_s=3.0,
+                            margin_s=1.0)
+    try:
+      out, err = holder.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+      holder.kill()
+      pytest.fail(f"the holder still ran 20 s after its renewals stopped: {holder.communicate()}")
+    ended = time.monotonic()
+  finally:
+    proxy.close()
+  assert holder.returncode == 1 and out == "", (out, err)
+  assert _error_lines(err) == [
+      f"error: workdir {wd}: this run could not renew its lock for 2 s (another run may take it "
+      f"over after 3 s); stopping without writing anything more."
+  ], err
+  assert ended - cut[0] < 3.0  # the last renewal that landed was sent before the cut
+
+
+def test_a_live_lease_is_not_taken_by_a_newcomer_whose_clock_runs_ahead(gcs):
+  """A newcomer whose wall clock is 130 s ahead reads the holder's heartbeat as 130 s old, past
+  its 3-s lease; it watches the object instead, sees the generation move, and refuses."""
+  from vit_cls import workdir  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/lease_clock_ahead"
+  holder = _hold_in_child(wd, os.environ["TENSORSTORE_GCS_HTTP_URL"], hold_s=3.0,
+                          heartbeat_s=0.3, lease_s=3.0)
+  newcomer = workdir._GcsLock(wd, clock=_Clock(ahead=130))  # pylint: disable=protected-access
+  newcomer.POLL_S = 0.1
+  try:
+    with pytest.raises(workdir.WorkdirBusyError, match=rf"pid {holder.pid} on host"):
+      newcomer.acquire()
+  finally:
+    newcomer.release()  # (only when it took the lease: without the fix)
+    out, err = holder.communicate(timeout=60)
+  assert (holder.returncode, out, _error_lines(err)) == (0, "released\n", []), err
+
+
+def test_a_missing_pid_on_this_host_is_a_dead_owner_only_in_the_same_boot_and_pid_namespace(gcs):
+  """Host networking gives containers one hostname and separate pid namespaces: a pid missing here
+  may live next door. Only a record of this boot and pid namespace is taken over at once."""
+  from vit_cls import workdir  # pylint: disable=g-import-not-at-top
+  wd = f"{gcs}/lease_pid_space"
+  here = workdir._pid_space()  # pylint: disable=protected-access
+  assert here["boot_id"] and here["pid_ns"].startswith("pid:[")
+  dead = {"host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": time.time()}
+  for other in ({"boot_id": here["boot_id"], "pid_ns": "pid:[1]"},  # another container
+                {"boot_id": "another-boot", "pid_ns": here["pid_ns"]},  # rebooted: reused ids
+                {}):  # a record that does not say
+    _plant(wd, {**dead, **other})
+    with pytest.raises(workdir.WorkdirBusyError, match=rf"pid {dead['pid']} on host"):
+      workdir.lock_for(wd).acquire()
+  _plant(wd, {**dead, **here})
+  clock = _Clock(virtual=True)
+  taken = workdir._GcsLock(wd, clock=clock).acquire()  # pylint: disable=protected-access
+  assert clock.slept == 0  # at once, without watching the lease
+  token = taken._record["token"]  # pylint: disable=protected-access
+  assert workdir.lock_for(wd).holder()["token"] == token
+  taken.release()
+  taken.release()
 
 
 def test_no_network_fails_in_one_line_within_seconds_before_compiling(gcs, tmp_path):

@@ -21,8 +21,10 @@ How it is held, and why an owner that died never blocks:
 * A workdir in Cloud Storage (`gs://`): a lease object `.lock`, created only if absent
   (`ifGenerationMatch=0`: of two runs starting together exactly one gets it), renewed every 30 s
   under the same kind of precondition, deleted when the run ends. An owner that died stops renewing;
-  its lease is taken over after 120 s without a heartbeat, or at once by a run on the same host when
-  the owner's pid is gone. A preempted Cloud TPU run ends through SIGTERM and deletes it.
+  a newcomer takes its lease over once it has seen the object unchanged for 120 s on its own
+  monotonic clock (no wall clock is trusted), or at once when the owner ran in the newcomer's own
+  host, boot and pid namespace and its pid is gone. An owner that could not renew for 90 s exits
+  before anybody may take over. A preempted Cloud TPU run ends through SIGTERM and deletes it.
 * Multi-process jobs: the chief's lock covers the job. Process 0 takes it; the outcome is
   broadcast, so every process of a second job stops together with the same line (the others never
   wait in a collective for a chief that left). The other processes of one job share the chief's
@@ -36,6 +38,7 @@ import json
 import os
 import socket
 import time
+import uuid
 
 from vit_cls import errors
 
@@ -59,10 +62,10 @@ def _describe(record: dict | None) -> str:
           (f" (started {record['started']})" if record.get("started") else ""))
 
 
-def _busy(workdir: str, record: dict | None) -> WorkdirBusyError:
+def _busy(workdir: str, record: dict | None, now: float | None = None) -> WorkdirBusyError:
   lease = ""
   if record and record.get("heartbeat"):  # a gs:// lease
-    age = max(0.0, time.time() - float(record["heartbeat"]))
+    age = max(0.0, (time.time() if now is None else now) - float(record["heartbeat"]))
     lease = (f", last heartbeat {age:.0f} s ago (taken over after "
              f"{float(record.get('lease_s', _GcsLock.LEASE_S)):.0f} s without one)")
   return WorkdirBusyError(
@@ -123,27 +126,81 @@ class _FileLock:
       self._fd = None
 
 
+class Clock:
+  """Where the lease reads time; tests inject one that runs ahead or sleeps in no time.
+
+  Only the monotonic clock takes decisions: machines' wall clocks disagree (a newcomer whose clock
+  ran 130 s ahead once took a live lease). The wall clock only dates the heartbeat shown to people,
+  and may make a newcomer refuse at once, never take over.
+  """
+
+  def time(self) -> float:
+    return time.time()
+
+  def monotonic(self) -> float:
+    return time.monotonic()
+
+  def sleep(self, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().strip() or None
+  except OSError:
+    return None
+
+
+def _pid_space() -> dict:
+  """What makes a pid on "this host" the same process: the boot and the pid namespace too.
+
+  Containers with host networking share the hostname while each has its own pid namespace, so a
+  hostname alone would let a run in one container judge a live run in another dead ("no such pid").
+  """
+  try:
+    pid_ns = os.readlink("/proc/self/ns/pid")
+  except OSError:
+    pid_ns = None
+  return {"boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
 class _GcsLock:
   """A lease on the object `<workdir>/.lock` in Cloud Storage, taken and kept with preconditions.
 
   Created only if absent (`ifGenerationMatch=0`), so of two runs that start together exactly one
   gets it; renewed every `HEARTBEAT_S` seconds by rewriting it on the condition that it is still the
-  generation this run wrote; deleted (on the same condition) when the run ends. A holder that died
-  stops renewing: a newcomer takes the lease over when its last heartbeat is older than
-  `LEASE_S`, or at once when the holder ran on the newcomer's own host and its pid is gone (a
-  killed run restarted on the same VM). A holder that finds its lease taken over (it could not
-  renew it for `LEASE_S`, a network partition) has lost the workdir: it stops at once, without
-  writing anything more, with one line saying so.
+  generation this run wrote; deleted (on the same condition) when the run ends.
+
+  Taking over. A holder that died stops renewing; a newcomer takes the lease over only once it has
+  seen the object's generation unchanged for the holder's `lease_s` (`LEASE_S`), measured on its
+  own monotonic clock: the storage's generation, not anybody's wall clock, says whether the holder
+  still renews. A heartbeat that looks recent by the newcomer's wall clock refuses at once (a
+  second launch learns it in a second); one that looks old only starts the watch. The one shortcut:
+  a holder whose pid is gone on the newcomer's own host, boot and pid namespace (a killed run
+  restarted in the same container) is taken over at once.
+
+  Keeping it. Every record carries a token unique to the run, so a renewal that landed but whose
+  answer was lost (or was sent twice) is recognised on the next precondition failure: the object
+  still holds this run's own record, and the run adopts its generation. A run that cannot renew
+  stops writing before anybody may take the lease: when its last successful renewal (timed from
+  when it was sent) is `LEASE_S - MARGIN_S` old, it exits with one line, whatever it was doing. A
+  holder that finds another run's record has lost the workdir: it exits at once, with one line.
   """
 
-  HEARTBEAT_S = 30.0
-  LEASE_S = 120.0
+  HEARTBEAT_S = 30.0  # how often a renewal is sent
+  RETRY_S = 5.0  # how soon a failed renewal is tried again
+  LEASE_S = 120.0  # how long a newcomer must see the lease unchanged before taking it
+  MARGIN_S = 30.0  # a holder stops this long before that: writes in flight land in time
+  POLL_S = 5.0  # how often a newcomer re-reads a lease it is waiting out
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, clock: Clock | None = None):
     self.workdir = workdir.rstrip("/")
+    self.clock = clock or Clock()
     self._kv = None
     self._generation = None
     self._record = None
+    self._renewed_at = None  # monotonic time the last successful write was sent
     self._stop = None
     self._thread = None
 
@@ -161,38 +218,92 @@ class _GcsLock:
     current = self._read()
     return _parse(current.value.decode(errors="replace")) if current.state == "value" else None
 
-  def _write(self, record: dict | None, if_equal) -> bytes:
+  def _write(self, record: dict | None, if_equal, timeout: float | None = None) -> bytes:
     """The new generation, or b"" when the condition failed (the object is not what we thought)."""
     value = None if record is None else (json.dumps(record) + "\n").encode()
-    return self._store().write(LOCK_FILE, value, if_equal=if_equal).result().generation
+    return self._store().write(LOCK_FILE, value, if_equal=if_equal).result(
+        timeout=timeout).generation
 
-  def _stale(self, record: dict | None, read_time: float) -> bool:
-    if record is None:
-      return True  # not written by this program: nothing to respect
-    if read_time - float(record.get("heartbeat", 0)) > float(record.get("lease_s", self.LEASE_S)):
+  def _adopt(self) -> bytes:
+    """After a failed precondition: the object's generation when it holds this run's own record
+    (a write that landed but whose answer was lost, or that was retried), else b"". """
+    current = self._read()
+    if current.state != "value":
+      return b""
+    record = _parse(current.value.decode(errors="replace")) or {}
+    if all(record.get(k) == self._record.get(k) for k in ("host", "pid", "token")):
+      return current.stamp.generation
+    return b""
+
+  def _owner_gone(self, record: dict) -> bool:
+    """The holder ran in this very pid space (host, boot, pid namespace) and its pid is gone."""
+    mine = {"host": socket.gethostname(), **_pid_space()}
+    if any(mine[k] is None or record.get(k) != mine[k] for k in mine):
+      return False
+    try:
+      os.kill(int(record.get("pid", -1)), 0)
+    except ProcessLookupError:
       return True
-    if record.get("host") == socket.gethostname():
-      try:
-        os.kill(int(record.get("pid", -1)), 0)
-      except ProcessLookupError:
-        return True
-      except (OSError, ValueError):
-        return False
+    except (OSError, ValueError):
+      return False
     return False
 
+  def _lease_s(self, record: dict) -> float:
+    try:
+      return float(record.get("lease_s", self.LEASE_S))
+    except (TypeError, ValueError):
+      return self.LEASE_S
+
+  def _looks_live(self, record: dict) -> bool:
+    """By this machine's wall clock, renewed within its lease: enough to refuse, never to take."""
+    try:
+      heartbeat = float(record["heartbeat"])
+    except (KeyError, TypeError, ValueError):
+      return False
+    return self.clock.time() - heartbeat <= self._lease_s(record)
+
+  def _unchanged_for_lease(self, generation, record: dict):
+    """Watches the object for the holder's lease on this machine's monotonic clock. Returns
+    (True, None) when its generation never changed (the holder stopped renewing), else (False,
+    what it holds now: None when it is gone)."""
+    lease = self._lease_s(record)
+    print(f"workdir {self.workdir}: its lock names {_describe(record)}, with no heartbeat this "
+          f"machine's clock shows as recent; taking it over if it stays unchanged for "
+          f"{lease:.0f} s.", flush=True)
+    start = self.clock.monotonic()
+    while True:
+      waited = self.clock.monotonic() - start
+      if waited > lease:
+        return True, None
+      self.clock.sleep(min(self.POLL_S, lease - waited + 0.01))
+      current = self._read()
+      if current.stamp.generation != generation:
+        return False, current
+
   def acquire(self) -> "_GcsLock":
+    record = None
     for _ in range(3):  # a lost race re-reads: the winner is then the holder to name
       current = self._read()
       record = _parse(current.value.decode(errors="replace")) if current.state == "value" else None
-      if current.state == "value" and not self._stale(record, time.time()):
-        raise _busy(self.workdir, record)
-      mine = {**_owner_record(), "heartbeat": time.time(), "lease_s": self.LEASE_S}
-      generation = self._write(mine, current.stamp.generation)
+      if current.state == "value" and record is not None and not self._owner_gone(record):
+        # A record of this program whose holder may live: watched, never judged by clocks.
+        if self._looks_live(record):
+          raise _busy(self.workdir, record, self.clock.time())
+        unchanged, now = self._unchanged_for_lease(current.stamp.generation, record)
+        if not unchanged:
+          if now.state == "value":  # renewed (or taken by a third run): a live holder
+            raise _busy(self.workdir, _parse(now.value.decode(errors="replace")),
+                        self.clock.time())
+          continue  # released meanwhile: try to create it
+      self._record = {**_owner_record(), **_pid_space(), "token": uuid.uuid4().hex,
+                      "heartbeat": self.clock.time(), "lease_s": self.LEASE_S}
+      sent = self.clock.monotonic()
+      generation = self._write(self._record, current.stamp.generation) or self._adopt()
       if generation:
-        self._generation, self._record = generation, mine
+        self._generation, self._renewed_at = generation, sent
         self._start_heartbeat()
         return self
-    raise _busy(self.workdir, record)
+    raise _busy(self.workdir, record, self.clock.time())
 
   def _start_heartbeat(self) -> None:
     import threading  # pylint: disable=g-import-not-at-top
@@ -200,37 +311,65 @@ class _GcsLock:
     self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
     self._thread.start()
 
+  def _deadline(self) -> float:
+    """The monotonic time past which this run may no longer write: a newcomer that started
+    watching the generation of the last renewal this run knows landed may take over at
+    `LEASE_S` after it; `MARGIN_S` is left for writes already in flight."""
+    return self._renewed_at + self.LEASE_S - self.MARGIN_S
+
   def _renew(self) -> None:
-    while not self._stop.wait(self.HEARTBEAT_S):
-      self._record = {**self._record, "heartbeat": time.time()}
-      try:
-        generation = self._write(self._record, self._generation)
+    wait = self.HEARTBEAT_S
+    while not self._stop.wait(max(0.0, min(wait, self._deadline() - self.clock.monotonic()))):
+      sent = self.clock.monotonic()
+      if sent >= self._deadline():
+        self._expired()
+      self._record = {**self._record, "heartbeat": self.clock.time()}
+      try:  # bounded: a renewal that hangs must not hold the thread past the deadline
+        generation = self._write(self._record, self._generation, self._deadline() - sent)
       except Exception:  # pylint: disable=broad-except
-        continue  # a failed renewal (network): the next one may succeed, within the lease
+        wait = self.RETRY_S  # a failed renewal (network): the next one may succeed in time
+        continue
       if not generation:
-        self._lost()
-      self._generation = generation
+        adopted = self._adopt()
+        if not adopted:
+          self._lost()
+        # Our own record, written by a renewal whose answer never came: when it landed is not
+        # known, so it does not count as renewed; renew again from its generation at once.
+        self._generation, wait = adopted, 0.0
+        continue
+      self._generation, self._renewed_at, wait = generation, sent, self.HEARTBEAT_S
+
+  def _exit(self, message: str) -> None:
+    """One line, then the process ends at once: no thread of it writes anything more."""
+    import sys  # pylint: disable=g-import-not-at-top
+    print(f"error: workdir {self.workdir}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  def _expired(self) -> None:
+    self._exit(
+        f"this run could not renew its lock for "
+        f"{self.clock.monotonic() - self._renewed_at:.0f} s (another run may take it over "
+        f"after {self.LEASE_S:.0f} s); stopping without writing anything more.")
 
   def _lost(self) -> None:
-    import sys  # pylint: disable=g-import-not-at-top
     try:
       holder = _describe(_parse(self._read().value.decode(errors="replace")))
     except Exception:  # pylint: disable=broad-except
       holder = "another run"
-    print(
-        f"error: workdir {self.workdir}: this run could not renew its lock for "
-        f"{self.LEASE_S:.0f} s and {holder} has taken it over; stopping without writing "
-        f"anything more.", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    self._exit(f"this run could not renew its lock for {self.LEASE_S:.0f} s and {holder} has "
+               f"taken it over; stopping without writing anything more.")
 
   def release(self) -> None:
     if self._generation is None:
       return
     self._stop.set()
     self._thread.join(timeout=60)
-    try:
-      self._write(None, self._generation)  # only if it is still ours
+    try:  # only if it is still ours (a deletion whose answer was lost has nothing left to adopt)
+      if not self._write(None, self._generation):
+        adopted = self._adopt()
+        if adopted:
+          self._write(None, adopted)
     except Exception:  # pylint: disable=broad-except
       pass  # unreachable now: the lease expires by itself
     self._generation = None
