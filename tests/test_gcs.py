@@ -220,7 +220,7 @@ def test_a_lease_write_whose_answer_is_lost_is_recognised_as_the_runs_own(gcs):
   assert (holder.returncode, out, _error_lines(err)) == (0, "released\n", []), err
   assert dropped == {"create", "renew"}
   renewals = [action for method, url, action in proxy.seen if kind(method, url) == "renew"]
-  assert renewals[0] == "drop" and len(renewals) >= 5  # renewed on after the lost answer
+  assert renewals[0] == "drop" and len(renewals) >= 3  # renewed on after the lost answer
   from vit_cls import workdir  # pylint: disable=g-import-not-at-top
   assert workdir.lock_for(wd).holder() is None  # released: deleted
 

@@ -348,9 +348,8 @@ class _GcsLock:
 
   def _expired(self) -> None:
     self._exit(
-        f"this run could not renew its lock for "
-        f"{self.clock.monotonic() - self._renewed_at:.0f} s (another run may take it over "
-        f"after {self.LEASE_S:.0f} s); stopping without writing anything more.")
+        f"this run could not renew its lock for {self.LEASE_S - self.MARGIN_S:.0f} s (another run "
+        f"may take it over after {self.LEASE_S:.0f} s); stopping without writing anything more.")
 
   def _lost(self) -> None:
     try:
