@@ -80,7 +80,11 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
   if depth == 0:
     t.take(f"{layer}0.{_BLOCK['query'][v5]}.weight")  # raises: missing
   from vit_cls.formats.timm import num_heads  # pylint: disable=g-import-not-at-top
-  heads = num_heads(d, hints.get("num_heads") or config.get("num_attention_heads"), source, notes)
+  heads = hints.get("num_heads") or config.get("num_attention_heads")
+  if not heads and config:  # what transformers builds from a config.json without it: ViTConfig's default
+    heads = 12
+    notes.append("num_heads=12: config.json has no num_attention_heads (ViTConfig's default)")
+  heads = num_heads(heads, source, "no config.json beside it")
   mlp = t.take(f"{layer}0.{_BLOCK['Dense_0'][v5]}.weight", (None, d)).shape[0]
   missing_bias = False
   for i in range(depth):

@@ -5,11 +5,18 @@ Import (`to_vit_cls`) reads the architecture from the tensors: width, patch size
 (`reg_token`), whether the class token and registers have position rows (timm's `no_embed_class`, from the
 number of `pos_embed` rows), LayerScale (`ls1/ls2.gamma`), a LayerNorm before the blocks (`norm_pre`,
 CLIP), the final norm before (`norm`) or after (`fc_norm`) pooling, attention pooling (`attn_pool`,
-SigLIP), the head. What tensors cannot say comes from timm's `config.json` when there is one (its
-`architecture`, `model_args`, `global_pool` and `pretrained_cfg`), else from the defaults of timm's ViT
-families, each noted as assumed: the number of heads (a fused `qkv` hides it; head_dim 64, the width of
-every standard timm ViT but the 16-head H, g, so400m ones), LayerNorm epsilon (1e-5 for CLIP towers, else
-1e-6), GELU (exact erf, except the SigLIP towers timm builds with the tanh form).
+SigLIP), the head. What tensors cannot say comes, in this order, from the caller (`vit_cls.load(path,
+num_heads=...)`), from timm's `config.json` (`model_args`, `global_pool`, `pretrained_cfg`: what a model
+saved with changed arguments carries), and from the table of timm's ViT architectures
+(timm_architectures.json, generated from timm's own registry by scripts/make_timm_arch_table.py) by the
+`architecture` name the config gives: the number of heads (a fused `qkv` hides it, and timm's heads are
+not always width / 64: `vit_base_patch16_gap_224` has 16 of width 48), the GELU form, the LayerNorm
+epsilon, the pooling and whether it reads the class token and registers (`pool_include_prefix`). The hub's
+`config.json` for `timm/<name>` has only the name, so the table is what makes those checkpoints load as
+timm builds them. An architecture the table does not know (or no config.json at all) loads only with
+`num_heads` given; its epsilon and GELU form are then assumed (1e-5 for CLIP towers, else 1e-6; exact
+GELU) and noted. Architectures whose modules vit_cls does not build (timm's Eva, relative-position ViTs,
+parallel or post-norm blocks, SwiGLU, RMSNorm, QuickGELU, ...) are refused by name with the reason.
 
 Exact rewrites where vit_cls stores the same function differently: the fused `qkv` splits into query/key/
 value; q/k/v or output biases that a source lacks (`qkv_bias=False`) become zeros; register position rows
@@ -24,23 +31,21 @@ LayerNorm epsilons other than 1e-6 and 1e-5.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import numpy as np
 
 from vit_cls.errors import CheckpointError
 from vit_cls.formats import Imported, full_config
 from vit_cls.formats import torch_layout as tl
 
-# timm architectures built with tanh-approximate GELU (every other timm ViT uses exact erf GELU).
-TANH_GELU_ARCHS = frozenset(
-    f"vit_{size}_{variant}" for size, variant in
-    [("base", "patch32_siglip_256"), ("large", "patch16_siglip_512"), ("so400m", "patch16_siglip_256"),
-     ("so400m", "patch16_siglip_384"), ("so400m", "patch16_siglip_512"), ("giantopt", "patch16_siglip_256"),
-     ("giantopt", "patch16_siglip_384"), ("base", "patch32_siglip_gap_256"),
-     ("large", "patch16_siglip_gap_512"), ("so400m", "patch16_siglip_gap_256"),
-     ("so400m", "patch16_siglip_gap_384"), ("so400m", "patch16_siglip_gap_512"),
-     ("giantopt", "patch16_siglip_gap_256"), ("giantopt", "patch16_siglip_gap_384")])
-# Widths whose standard timm ViTs do not have 64-wide heads.
-HEADS_BY_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16}
+# The table of timm's ViT architectures, by name: scripts/make_timm_arch_table.py writes it from timm.
+ARCHITECTURES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_architectures.json")
+# The module classes (and activations) of a timm VisionTransformer that vit_cls builds.
+_BUILT = {"block": "Block", "attn": "Attention", "mlp": "Mlp", "norm": "LayerNorm", "embed": "PatchEmbed"}
+_GELUS = {"gelu": False, "gelu_tanh": True}  # timm act_layer -> vit_cls gelu_approximate
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 INCEPTION_MEAN, INCEPTION_STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
@@ -53,16 +58,46 @@ def is_state_dict(tensors) -> bool:
   return "patch_embed.proj.weight" in tensors and "blocks.0.attn.qkv.weight" in tensors
 
 
-def num_heads(width: int, given, source: str, notes: list) -> int:
-  """The head count: given (config or caller), else the standard timm one for the width (noted)."""
+@functools.lru_cache(maxsize=1)
+def architectures() -> dict:
+  """The committed table: {"timm_version": ..., "architectures": {name: entry}} (see the script)."""
+  with open(ARCHITECTURES_JSON, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def architecture(name: str) -> dict | None:
+  """timm's entry for architecture `name` (e.g. "vit_base_patch16_gap_224"), None if the table lacks it."""
+  return architectures()["architectures"].get(name) if name else None
+
+
+def num_heads(given, source: str, unknown: str) -> int:
+  """The head count given (by the caller, a config or the table), else a one-line error.
+
+  Never guessed from the width: timm's heads are not always width / 64, and a wrong guess loads without
+  any error and computes different outputs. `unknown` says why nothing gave it.
+  """
   if given:
     return int(given)
-  heads = HEADS_BY_WIDTH.get(width) or (width // 64 if width % 64 == 0 else None)
-  if heads is None:
-    raise CheckpointError(f"{source}: cannot tell the number of attention heads of a {width}-wide ViT "
-                          f"(no config.json); give it: vit_cls.load(path, num_heads=N).")
-  notes.append(f"num_heads={heads} assumed from the width {width} (no config says it)")
-  return heads
+  raise CheckpointError(f"{source}: cannot tell the number of attention heads ({unknown}; the tensors do "
+                        f"not show it); give it: vit_cls.load(path, num_heads=N).")
+
+
+def _refuse_unbuilt(arch: str, entry: dict, act: str | None, source: str) -> None:
+  """One line when timm builds `arch` from modules vit_cls does not have (the tensors may still fit)."""
+  entry = entry or {"class": "VisionTransformer", **_BUILT}  # not in the table: only the activation known
+  if entry["class"] != "VisionTransformer":
+    raise CheckpointError(f"{source}: timm architecture '{arch}' is timm's {entry['class']}, not its "
+                          f"VisionTransformer; vit_cls imports timm VisionTransformer checkpoints only.")
+  for part, built in _BUILT.items():
+    if entry.get(part) != built:
+      raise CheckpointError(f"{source}: timm architecture '{arch}' is built with {part} "
+                            f"{entry.get(part)}; vit_cls builds timm's {built} only.")
+  if act in ("quick_gelu", "quickgelu"):
+    raise CheckpointError(f"{source}: architecture '{arch}' uses QuickGELU (x * sigmoid(1.702 x)), which "
+                          f"vit_cls does not implement; expected exact or tanh GELU.")
+  if act is not None and act not in _GELUS:
+    raise CheckpointError(f"{source}: architecture '{arch}' uses the activation {act!r}; vit_cls has "
+                          f"exact ('gelu') and tanh-approximate ('gelu_tanh') GELU.")
 
 
 def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imported:
@@ -77,9 +112,10 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
     if t.has(name):
       raise t.error(name, "a DeiT with a distillation token (two class tokens, two heads); vit_cls "
                           "models have one class token: use a DeiT checkpoint without distillation")
-  if "quickgelu" in arch or margs.get("act_layer") in ("quick_gelu", "quickgelu"):
-    raise CheckpointError(f"{source}: architecture '{arch}' uses QuickGELU (x * sigmoid(1.702 x)), which "
-                          f"vit_cls does not implement; expected exact or tanh GELU.")
+  entry = architecture(arch)
+  act = margs.get("act_layer") if isinstance(margs.get("act_layer"), str) else None
+  act = act or (entry or {}).get("act") or ("quick_gelu" if "quickgelu" in arch else None)
+  _refuse_unbuilt(arch, entry, act, source)
 
   d, c, ph, pw = t.take("patch_embed.proj.weight", (None, None, None, None)).shape
   flat = {"embedding/kernel": tl.patch_in(t.take("patch_embed.proj.weight"))}
@@ -88,7 +124,16 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
   depth = 0
   while t.has(f"blocks.{depth}.attn.qkv.weight"):
     depth += 1
-  heads = num_heads(d, hints.get("num_heads") or margs.get("num_heads"), source, notes)
+  table_heads = (entry or {}).get("num_heads")
+  if arch and entry is None:
+    unknown = (f"timm architecture '{arch}' is not in vit_cls's table of the ViTs of timm "
+               f"{architectures()['timm_version']}")
+  else:
+    unknown = "no config.json names its timm architecture"
+  heads = num_heads(hints.get("num_heads") or margs.get("num_heads") or table_heads, source, unknown)
+  if not (hints.get("num_heads") or margs.get("num_heads")) and entry["embed_dim"] != d:
+    notes.append(f"num_heads={heads} of timm's '{arch}' ({entry['embed_dim']} wide there, {d} here: timm "
+                 f"keeps an architecture's heads when only its width is changed)")
   if d % heads:
     raise t.error("patch_embed.proj.weight", f"width {d} is not divisible by num_heads={heads}")
   mlp = t.take("blocks.0.mlp.fc1.weight", (None, d)).shape[0]
@@ -118,7 +163,7 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
   fc_norm = t.has("fc_norm.weight")
   _norm(t, flat, "fc_norm" if fc_norm else "norm", "fc_norm" if fc_norm else "Transformer/encoder_norm", d)
 
-  global_pool = config.get("global_pool") or margs.get("global_pool")
+  global_pool = config.get("global_pool") or margs.get("global_pool") or (entry or {}).get("global_pool")
   if global_pool is None:
     global_pool = "map" if t.has("attn_pool.latent") else "token" if cls is not None else "avg"
   pool = _POOLS.get(global_pool)
@@ -127,6 +172,10 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
                   f"timm global_pool={global_pool!r} " + ("with" if cls is not None else "without") +
                   " a class token; vit_cls builds 'token' pooling with a class token, 'avg' and 'map' "
                   "without one")
+  include_prefix = margs.get("pool_include_prefix", (entry or {}).get("pool_include_prefix", False))
+  if include_prefix and pool != "cls" and (cls is not None or regs):
+    raise CheckpointError(f"{source}: timm pool_include_prefix=True ('{arch}'): its {global_pool} pooling "
+                          f"reads the class token and registers too; vit_cls pools the patch tokens only.")
   if pool == "map":
     _map_head(t, flat, d, mlp, heads)
   if t.has("head.weight"):
@@ -134,18 +183,17 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
     flat["head/kernel"], flat["head/bias"] = tl.linear_in(w), t.take("head.bias", (w.shape[0],))
   t.finish(EXPECTED)
 
-  eps = hints.get("layernorm_epsilon") or (1e-5 if "clip" in arch else 1e-6 if arch else None)
+  eps = hints.get("layernorm_epsilon") or (entry or {}).get("norm_eps")
   if eps is None:
-    eps = 1e-5 if pre_norm else 1e-6
-    notes.append(f"layernorm_epsilon={eps:g} assumed (no config.json; "
-                 + ("norm_pre: a CLIP tower" if pre_norm else "timm's default") + ")")
+    eps = 1e-5 if ("clip" in arch if arch else pre_norm) else 1e-6
+    notes.append(f"layernorm_epsilon={eps:g} assumed (" + (f"'{arch}' is not in the table" if arch else
+                 "no config.json") + ("; CLIP towers use 1e-5" if eps == 1e-5 else "; timm's default") + ")")
   approximate = hints.get("gelu_approximate")
   if approximate is None:
-    act = margs.get("act_layer")
-    approximate = act == "gelu_tanh" if isinstance(act, str) else arch in TANH_GELU_ARCHS
-    if not arch:
-      notes.append("exact (erf) GELU assumed (no config.json; timm's SigLIP towers with tanh GELU "
-                   "need gelu_approximate=True)")
+    approximate = _GELUS.get(act, False)
+    if act is None:
+      notes.append("exact (erf) GELU assumed (" + (f"'{arch}' is not in the table" if arch else
+                   "no config.json") + "; give gelu_approximate=True for a tanh-GELU model)")
   model = dict(
       num_classes=int(flat["head/kernel"].shape[1]) if "head/kernel" in flat else 0,
       patch_size=[int(ph), int(pw)], hidden_size=int(d), mlp_dim=int(mlp), num_heads=int(heads),
