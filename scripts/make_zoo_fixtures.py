@@ -26,7 +26,8 @@ Export direction (vit_cls -> timm / Hugging Face), checked with the real loaders
 `transformers.*.from_pretrained` and compares its outputs on the fixture's input with the fixture's.
 
 Per family the fixture folder holds (names as the libraries write them):
-  timm: model.safetensors + config.json (`timm.models.save_for_hf`, what the hub serves for `timm/...`)
+  timm: model.safetensors + config.json (`timm.models.save_for_hf`, what the hub serves for `timm/...`;
+        for TIMM_TABLE_FAMILIES without `model_args`, as the hub's configs of pretrained models are)
   hf:   model.safetensors + config.json (`save_pretrained`) + preprocessor_config.json (ViTImageProcessor)
   io.npz: `input` (2, 3, H, W) float32, `output` (what the model returns: logits, or features for a
           model without a head), `pre_logits` (timm: forward_head(pre_logits=True); HF: the final
@@ -78,7 +79,21 @@ TIMM_FAMILIES = {
     "timm_gap_medium": ("vit_medium_patch16_gap_256", dict(num_classes=5)),
     "timm_gap_betwixt_reg": ("vit_betwixt_patch16_reg4_gap_256", dict(num_classes=5)),
 }
+# Architectures whose heads are not width / 64, saved as the hub serves them: config.json names the
+# architecture and has no model_args, so only vit_cls's table of timm architectures (by name) gives the
+# heads. Width 64 rather than 24: timm keeps the architecture's 16 heads when only the width is changed, and
+# 64 / 16 heads of 4 is the smallest such model; width / 64 would say 1 head, which loads but computes
+# something else (the tests check both).
+#   vit_base_patch16_gap_224          768 wide, 16 heads; class_token=False, 'avg', fc_norm=False
+#   vit_giantopt_patch16_siglip_256   1536 wide, 16 heads; 'map' (16-head attention pooling), tanh GELU
+TABLE_TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, mlp_ratio=1.0)
+TIMM_TABLE_FAMILIES = {
+    "timm_gap_base_16heads": ("vit_base_patch16_gap_224", dict(num_classes=5)),
+    "timm_siglip_giantopt": ("vit_giantopt_patch16_siglip_256", dict(num_classes=0)),
+}
 HF_FAMILIES = ("hf_vit_classifier", "hf_vit_model")
+# The order seeds follow (new families go last, so the others' values stay as committed).
+ALL_FAMILIES = list(TIMM_FAMILIES) + list(HF_FAMILIES) + list(TIMM_TABLE_FAMILIES)
 HF_TINY = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=48,
                image_size=16, patch_size=4)
 
@@ -127,13 +142,22 @@ def make_input(torch, shape, seed: int):
 
 def make_timm(name: str, seed: int) -> None:
   torch, timm = import_timm()
-  arch, overrides = TIMM_FAMILIES[name]
-  kwargs = dict(TINY, **overrides)
+  hub_style = name in TIMM_TABLE_FAMILIES
+  arch, overrides = (TIMM_TABLE_FAMILIES if hub_style else TIMM_FAMILIES)[name]
+  kwargs = dict(TABLE_TINY if hub_style else TINY, **overrides)
   model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+  if hub_style:  # the point of these fixtures: heads that width / 64 gets wrong
+    assert model.blocks[0].attn.num_heads * 64 != kwargs["embed_dim"], arch
   randomise(model, torch, seed)
   folder = os.path.join(OUT, name)
   shutil.rmtree(folder, ignore_errors=True)
   timm.models.save_for_hf(model, folder, safe_serialization=True)
+  if hub_style:  # what the hub serves for timm/<name>: the name, no model_args
+    with open(os.path.join(folder, "config.json")) as f:
+      config = json.load(f)
+    config.pop("model_args", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
   h, w = (kwargs["img_size"],) * 2 if isinstance(kwargs["img_size"], int) else kwargs["img_size"]
   x = make_input(torch, (2, 3, h, w), seed + 1)
   with torch.no_grad():
@@ -188,10 +212,10 @@ def foreign_state_dicts() -> None:
 
 def make(args) -> None:
   os.makedirs(OUT, exist_ok=True)
-  names = args.only or list(TIMM_FAMILIES) + list(HF_FAMILIES)
-  for i, name in enumerate(names):
-    seed = 1000 + 10 * (list(TIMM_FAMILIES) + list(HF_FAMILIES)).index(name)
-    (make_timm if name in TIMM_FAMILIES else make_hf)(name, seed)
+  names = args.only or ALL_FAMILIES
+  for name in names:
+    seed = 1000 + 10 * ALL_FAMILIES.index(name)
+    (make_hf if name in HF_FAMILIES else make_timm)(name, seed)
     print(f"wrote {name}")
   if not args.only:
     foreign_state_dicts()

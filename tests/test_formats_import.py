@@ -18,7 +18,11 @@ from vit_cls.formats import safetensors as st
 
 ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
 TIMM = ["timm_augreg", "timm_deit", "timm_dinov2_reg", "timm_clip", "timm_siglip", "timm_gap_medium",
-        "timm_gap_betwixt_reg"]
+        "timm_gap_betwixt_reg", "timm_gap_base_16heads", "timm_siglip_giantopt"]
+# Hub-style configs (the architecture's name, no model_args) of architectures whose heads are not
+# width / 64: 16 heads of width 64 (timm keeps an architecture's heads when only the width changes).
+TABLE_ONLY = {"timm_gap_base_16heads": "vit_base_patch16_gap_224",
+              "timm_siglip_giantopt": "vit_giantopt_patch16_siglip_256"}
 HF = ["hf_vit_classifier", "hf_vit_model"]
 # What each family must come back as (the switches the import has to get right).
 EXPECTED = {
@@ -30,6 +34,10 @@ EXPECTED = {
     "timm_siglip": dict(pool="map", num_classes=0),
     "timm_gap_medium": dict(pool="gap", layerscale=True, fc_norm=False),
     "timm_gap_betwixt_reg": dict(pool="gap", layerscale=True, fc_norm=True, num_registers=4),
+    "timm_gap_base_16heads": dict(pool="gap", num_heads=16, hidden_size=64, fc_norm=False,
+                                  gelu_approximate=False, layernorm_epsilon=1e-6),
+    "timm_siglip_giantopt": dict(pool="map", num_heads=16, hidden_size=64, num_classes=0,
+                                 gelu_approximate=True, layernorm_epsilon=1e-6),
     "hf_vit_classifier": dict(pool="cls", layernorm_epsilon=1e-12, representation_size=None),
     "hf_vit_model": dict(pool="cls", num_classes=0, representation_size=24),
 }
@@ -52,6 +60,56 @@ def test_every_family_reproduces_its_library_outputs(name):
   for field, value in EXPECTED[name].items():
     assert loaded.config[field] == value, field
   assert loaded.meta["format"] == ("hf" if name in HF else "timm")
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_ONLY))
+def test_heads_come_from_the_table_of_timm_architectures(name):
+  """The hub's config.json names the architecture only; the table's 16 heads are what timm computed with.
+
+  Width / 64 (what the import assumed before the table: 1 head here) loads without complaint but computes
+  something else: the table is what makes the outputs match.
+  """
+  config = json.loads(open(os.path.join(ZOO, name, "config.json")).read())
+  assert config["architecture"] == TABLE_ONLY[name] and "model_args" not in config
+  loaded = ck.load_with_info(os.path.join(ZOO, name))
+  assert loaded.config["num_heads"] == 16 and max_error(loaded.model, loaded.params, name) < 1e-4
+  assert any("num_heads=16 of timm's" in n for n in loaded.meta["import_notes"])
+  width_rule = ck.load_with_info(os.path.join(ZOO, name), num_heads=1)  # 64 wide / 64
+  assert max_error(width_rule.model, width_rule.params, name) > 1e-2
+
+
+def test_an_architecture_the_table_lacks_needs_num_heads(tmp_path):
+  shutil.copytree(os.path.join(ZOO, "timm_gap_base_16heads"), tmp_path / "m")
+  config = json.loads((tmp_path / "m" / "config.json").read_text())
+  config["architecture"] = "vit_base_patch16_gap_224_not_in_timm"
+  (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"model.safetensors: cannot tell the number of attention heads "
+                                       r"\(timm architecture 'vit_base_patch16_gap_224_not_in_timm' is "
+                                       r"not in vit_cls's table .*num_heads=N"):
+    vit_cls.load(tmp_path / "m")
+  loaded = ck.load_with_info(tmp_path / "m", num_heads=16)
+  assert max_error(loaded.model, loaded.params, "timm_gap_base_16heads") < 1e-4
+  notes = " ".join(loaded.meta["import_notes"])
+  assert "layernorm_epsilon=1e-06 assumed" in notes and "GELU assumed" in notes
+
+
+@pytest.mark.parametrize("arch,model_args,match", [
+    ("vit_medium_patch16_rope_reg1_gap_256", {}, r"is timm's Eva, not its VisionTransformer"),
+    ("vit_relpos_small_patch16_224", {}, r"is timm's VisionTransformerRelPos"),
+    ("vit_base_patch16_rpn_224", {}, r"built with block ResPostBlock; vit_cls builds timm's Block only"),
+    ("vit_huge_patch14_clip_quickgelu_224", {}, r"uses QuickGELU"),
+    ("vit_betwixt_patch16_reg4_gap_256", {"pool_include_prefix": True},
+     r"pool_include_prefix=True .*reads the class token and registers too"),
+])
+def test_architectures_vit_cls_does_not_build_are_refused_by_name(tmp_path, arch, model_args, match):
+  """Tensors that fit are not enough: the table says what timm builds with them."""
+  shutil.copytree(os.path.join(ZOO, "timm_gap_betwixt_reg"), tmp_path / "m")
+  config = json.loads((tmp_path / "m" / "config.json").read_text())
+  config["architecture"] = arch
+  config["model_args"].update(model_args)
+  (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=match):
+    vit_cls.load(tmp_path / "m")
 
 
 def test_preprocessing_is_reported_from_the_config():
