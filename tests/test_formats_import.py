@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -87,10 +88,35 @@ def test_an_architecture_the_table_lacks_needs_num_heads(tmp_path):
                                        r"\(timm architecture 'vit_base_patch16_gap_224_not_in_timm' is "
                                        r"not in vit_cls's table .*num_heads=N"):
     vit_cls.load(tmp_path / "m")
-  loaded = ck.load_with_info(tmp_path / "m", num_heads=16)
+  with pytest.warns(UserWarning, match="is not in the table"):
+    loaded = ck.load_with_info(tmp_path / "m", num_heads=16)
   assert max_error(loaded.model, loaded.params, "timm_gap_base_16heads") < 1e-4
   notes = " ".join(loaded.meta["import_notes"])
   assert "layernorm_epsilon=1e-06 assumed" in notes and "GELU assumed" in notes
+
+
+def test_num_heads_reaches_predict_convert_and_init_from(tmp_path, capsys):
+  """A bare file of a 16-head model: each entry point takes num_heads; init_from uses the target's."""
+  from vit_cls import convert, predict  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "gap16.safetensors"
+  shutil.copy(os.path.join(ZOO, "timm_gap_base_16heads", "model.safetensors"), path)
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "img.png")
+  assert predict.main(["--checkpoint", str(path), str(tmp_path / "img.png")]) == 2
+  assert "no config.json names its timm architecture" in capsys.readouterr().err
+  with pytest.warns(UserWarning, match="GELU assumed"):
+    assert predict.main(["--checkpoint", str(path), "--num_heads", "16", str(tmp_path / "img.png")]) == 0
+  with pytest.warns(UserWarning):
+    loaded = ck.load_with_info(path, num_heads=16)
+  assert convert.main(["--checkpoint", str(path), "--out", str(tmp_path / "c.npz"), "--num_classes", "5",
+                       "--image_size", "16", "--num_heads", "16"]) == 0
+  assert ck.load_with_info(tmp_path / "c.npz").config["num_heads"] == 16
+  init = jax.tree.map(np.zeros_like, loaded.params)
+  params, report = convert.init_from_checkpoint(path, init, patch_size=(4, 4), image_size=16,
+                                                model=loaded.model)
+  assert any("num_heads=16 from the model being fine-tuned" in n for n in report.notes)
+  np.testing.assert_array_equal(params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
+                                loaded.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
 
 
 @pytest.mark.parametrize("arch,model_args,match", [
@@ -131,7 +157,8 @@ def test_bare_safetensors_file_needs_and_takes_hints(tmp_path):
   with pytest.raises(ValueError, match=r"vit\.safetensors: cannot tell the number of attention heads.*"
                                        r"num_heads=N"):
     vit_cls.load(path)
-  loaded = ck.load_with_info(path, num_heads=3)
+  with pytest.warns(UserWarning, match=r"vit\.safetensors: exact \(erf\) GELU assumed"):  # load says so
+    loaded = ck.load_with_info(path, num_heads=3)
   assert max_error(loaded.model, loaded.params, "timm_augreg") < 1e-4
   assert any("erf" in n for n in loaded.meta["import_notes"])  # assumptions are reported
 
@@ -139,7 +166,8 @@ def test_bare_safetensors_file_needs_and_takes_hints(tmp_path):
 def test_bare_clip_file_assumes_clip_epsilon_and_mean(tmp_path):
   path = tmp_path / "clip.safetensors"
   shutil.copy(os.path.join(ZOO, "timm_clip", "model.safetensors"), path)
-  loaded = ck.load_with_info(path, num_heads=3)
+  with pytest.warns(UserWarning, match=r"clip\.safetensors: layernorm_epsilon=1e-05 assumed"):
+    loaded = ck.load_with_info(path, num_heads=3)
   assert loaded.config["layernorm_epsilon"] == 1e-5
   assert loaded.preprocessing["mean"][0] == pytest.approx(0.48145466)
   assert max_error(loaded.model, loaded.params, "timm_clip") < 1e-4

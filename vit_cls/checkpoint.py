@@ -370,6 +370,8 @@ def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
   import jax  # pylint: disable=g-import-not-at-top
 
   params, meta = restore_params(path, overrides)
+  for guess in (meta or {}).get("import_assumed") or []:  # not only convert / init_from should hear it
+    warnings.warn(f"{path}: {guess}", stacklevel=3)
   if meta and isinstance(meta.get("model"), Mapping):
     config = dict(meta["model"])
     config.setdefault("image_size", meta.get("image_size"))

@@ -345,7 +345,10 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
   VisionTransformer being fine-tuned), when given, must have the source's SOURCE_SWITCHES: a mismatch
   is one error line listing the `--config.model.*` flags to add. The report notes the switches either way.
   """
-  src_params, meta = ckpt_lib.restore_params(path)
+  # A timm / HF file that does not say its heads (no config, a name timm's table lacks) is split into
+  # the heads of the model being fine-tuned: the attention kernels' shapes must match those anyway.
+  hints = {"num_heads_fallback": int(model.num_heads)} if model is not None else None
+  src_params, meta = ckpt_lib.restore_params(path, hints)
   src_image_size, src_pos = None, "first"
   src_model = (meta or {}).get("model") or {}
   if meta:
@@ -414,12 +417,16 @@ def _representation_arg(text: str):
 
 
 def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, representation_size=None,
-                       pool: str | None = None, reset_head: bool = False, seed: int = 0):
-  """What the command does: read, build the target model, init it, convert, write `out` (.npz)."""
+                       pool: str | None = None, reset_head: bool = False, seed: int = 0,
+                       num_heads: int | None = None):
+  """What the command does: read, build the target model, init it, convert, write `out` (.npz).
+
+  `num_heads`: for a timm / HF checkpoint that does not say its heads (see `vit_cls.formats.read`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  src_params, meta = ckpt_lib.restore_params(checkpoint)
+  src_params, meta = ckpt_lib.restore_params(checkpoint, {"num_heads": num_heads} if num_heads else None)
   if meta and isinstance(meta.get("model"), Mapping):
     src_config = dict(meta["model"])
     src_image_size = meta.get("image_size")
@@ -468,12 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="fresh head even when the number of classes is unchanged")
   parser.add_argument("--seed", type=int, default=0, help="init seed of fresh parameters")
   parser.add_argument("--verbose", action="store_true", help="list every kept parameter")
+  parser.add_argument("--num_heads", type=int, default=None,
+                      help="attention heads of a timm / HF source that does not say them")
   args = parser.parse_args(argv)
   try:
     _, report = convert_checkpoint(
         args.checkpoint, args.out, num_classes=args.num_classes, image_size=args.image_size,
         representation_size=args.representation_size, pool=args.pool, reset_head=args.reset_head,
-        seed=args.seed)
+        seed=args.seed, num_heads=args.num_heads)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -84,14 +84,17 @@ def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def predict(checkpoint, image_paths: Sequence[str], *, k: int = 5, batch_size: int = 32,
-            image_size=None):
+            image_size=None, num_heads: int | None = None):
   """[(path, [(label, probability), ...]), ...] for each image; `label` is a name or a class index.
 
-  `image_size` overrides the checkpoint's (needed for an `.npz` with a non-square patch grid).
+  `image_size` overrides the checkpoint's (needed for an `.npz` with a non-square patch grid);
+  `num_heads` gives the heads of a timm / HF file that does not say them (see `vit_cls.formats.read`).
   """
   import jax  # pylint: disable=g-import-not-at-top
 
   overrides = {} if image_size is None else {"image_size": image_size}
+  if num_heads:
+    overrides["num_heads"] = int(num_heads)
   loaded = ckpt_lib.load_with_info(checkpoint, **overrides)
   model = loaded.model
   if not model.num_classes or model.pool == "none":
@@ -117,10 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--top_k", type=int, default=5, help="classes to print per image")
   parser.add_argument("--image_size", type=image_size_arg, default=None,
                       help="N or HxW (default: the checkpoint's)")
+  parser.add_argument("--num_heads", type=int, default=None,
+                      help="attention heads of a timm / HF file that does not say them")
   parser.add_argument("images", nargs="+", help="image files (anything PIL reads)")
   args = parser.parse_args(argv)
   try:
-    results = predict(args.checkpoint, args.images, k=args.top_k, image_size=args.image_size)
+    results = predict(args.checkpoint, args.images, k=args.top_k, image_size=args.image_size,
+                      num_heads=args.num_heads)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -38,19 +38,26 @@ class Imported:
   label_names: list | None
   notes: list  # what was assumed (no config to say it) or changed (exactly) on the way
   format: str  # "timm" | "hf"
+  # The notes that are guesses (no config or table said them): `vit_cls.load` warns with each, since a
+  # wrong guess loads without error and computes something else.
+  assumed: list = dataclasses.field(default_factory=list)
 
   def meta(self, path: str) -> dict:
     """The `meta` dict that `restore_params` returns for it (the same keys as an orbax checkpoint's)."""
     return {"model": dict(self.config), "image_size": self.config.get("image_size"),
             "label_names": self.label_names, "preprocessing": dict(self.preprocessing),
-            "import_notes": list(self.notes), "format": self.format, "source": path}
+            "import_notes": list(self.notes), "import_assumed": list(self.assumed),
+            "format": self.format, "source": path}
 
 
 def read(path: str, hints: dict | None = None) -> Imported | None:
   """`path` (a file or folder) as an `Imported`, or None when it is not a timm / Hugging Face checkpoint.
 
   `hints`: VisionTransformer fields the caller knows (`num_heads`, `layernorm_epsilon`,
-  `gelu_approximate`, `image_size`, ...) for a bare `.safetensors` file that has no config.json beside it.
+  `gelu_approximate`, `image_size`, ...) for a bare `.safetensors` file that has no config.json beside it,
+  or a timm architecture name vit_cls's table lacks; they override the config. `num_heads_fallback`: heads
+  to use only where neither a config nor the table says them (`config.init_from`: the fine-tuned model's,
+  whose shapes must match the source's anyway).
   """
   from vit_cls.formats import safetensors as st  # pylint: disable=g-import-not-at-top
   hints = dict(hints or {})

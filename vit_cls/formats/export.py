@@ -50,10 +50,13 @@ def export(params, config, out_dir: str, fmt: str, *, preprocessing: dict | None
   return written
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, fmt: str) -> list[str]:
-  """`export` of anything `vit_cls.load` reads (workdir, step, .npz, safetensors, model folder)."""
+def export_checkpoint(checkpoint: str, out_dir: str, fmt: str, num_heads: int | None = None) -> list[str]:
+  """`export` of anything `vit_cls.load` reads (workdir, step, .npz, safetensors, model folder).
+
+  `num_heads`: for a timm / HF file that does not say its heads (see `vit_cls.formats.read`).
+  """
   from vit_cls import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  loaded = ckpt_lib.load_with_info(checkpoint)
+  loaded = ckpt_lib.load_with_info(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
   config = dict(loaded.config, image_size=loaded.image_size)
   return export(loaded.params, config, out_dir, fmt, preprocessing=loaded.preprocessing,
                 label_names=loaded.label_names)
@@ -64,9 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--checkpoint", required=True, help="workdir, step dir, .npz, safetensors or folder")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--num_heads", type=int, default=None,
+                      help="attention heads of a timm / HF file that does not say them")
   args = parser.parse_args(argv)
   try:
-    written = export_checkpoint(args.checkpoint, args.out, args.format)
+    written = export_checkpoint(args.checkpoint, args.out, args.format, num_heads=args.num_heads)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -84,6 +84,9 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
   if not heads and config:  # what transformers builds from a config.json without it: ViTConfig's default
     heads = 12
     notes.append("num_heads=12: config.json has no num_attention_heads (ViTConfig's default)")
+  if not heads and hints.get("num_heads_fallback"):
+    heads = hints["num_heads_fallback"]
+    notes.append(f"num_heads={heads} from the model being fine-tuned (no config.json beside it)")
   heads = num_heads(heads, source, "no config.json beside it")
   mlp = t.take(f"{layer}0.{_BLOCK['Dense_0'][v5]}.weight", (None, d)).shape[0]
   missing_bias = False
@@ -146,8 +149,9 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
                           f"tanh-approximate ({', '.join(_TANH_ACTS)}) GELU.")
   approximate = hints.get("gelu_approximate", act in _TANH_ACTS)
   eps = hints.get("layernorm_epsilon") or config.get("layer_norm_eps") or 1e-12
-  if not config:
-    notes.append("no config.json: layer_norm_eps=1e-12 and exact GELU assumed (HF ViT's defaults)")
+  given = "layernorm_epsilon" in hints and "gelu_approximate" in hints
+  assumed = [] if config or given else ["no config.json: layer_norm_eps=1e-12 and exact GELU assumed "
+                                        "(HF ViT's defaults)"]
   model = dict(
       num_classes=int(flat["head/kernel"].shape[1]) if "head/kernel" in flat else 0,
       patch_size=[int(ph), int(pw)], hidden_size=int(d), mlp_dim=int(mlp), num_heads=int(heads),
@@ -156,7 +160,8 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
       class_token_posemb=True, layerscale=False, pre_norm=False, fc_norm=False, dtype="float32",
       image_size=h if h == w else [h, w])
   return Imported(params=tl.nested(flat), config=model, preprocessing=preprocessing(preprocessor),
-                  label_names=_labels(config, model["num_classes"]), notes=notes, format="hf")
+                  label_names=_labels(config, model["num_classes"]), notes=notes + assumed, format="hf",
+                  assumed=assumed)
 
 
 def _labels(config: dict, num_classes: int) -> list | None:

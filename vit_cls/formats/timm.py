@@ -130,8 +130,12 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
                f"{architectures()['timm_version']}")
   else:
     unknown = "no config.json names its timm architecture"
-  heads = num_heads(hints.get("num_heads") or margs.get("num_heads") or table_heads, source, unknown)
-  if not (hints.get("num_heads") or margs.get("num_heads")) and entry["embed_dim"] != d:
+  heads = hints.get("num_heads") or margs.get("num_heads") or table_heads
+  if not heads and hints.get("num_heads_fallback"):
+    heads = hints["num_heads_fallback"]
+    notes.append(f"num_heads={heads} from the model being fine-tuned ({unknown})")
+  heads = num_heads(heads, source, unknown)
+  if table_heads and heads == table_heads and entry["embed_dim"] != d:
     notes.append(f"num_heads={heads} of timm's '{arch}' ({entry['embed_dim']} wide there, {d} here: timm "
                  f"keeps an architecture's heads when only its width is changed)")
   if d % heads:
@@ -183,17 +187,18 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
     flat["head/kernel"], flat["head/bias"] = tl.linear_in(w), t.take("head.bias", (w.shape[0],))
   t.finish(EXPECTED)
 
+  assumed: list[str] = []
   eps = hints.get("layernorm_epsilon") or (entry or {}).get("norm_eps")
   if eps is None:
     eps = 1e-5 if ("clip" in arch if arch else pre_norm) else 1e-6
-    notes.append(f"layernorm_epsilon={eps:g} assumed (" + (f"'{arch}' is not in the table" if arch else
-                 "no config.json") + ("; CLIP towers use 1e-5" if eps == 1e-5 else "; timm's default") + ")")
+    assumed.append(f"layernorm_epsilon={eps:g} assumed (" + (f"'{arch}' is not in the table" if arch else
+                   "no config.json") + ("; CLIP towers use 1e-5" if eps == 1e-5 else "; timm's default") + ")")
   approximate = hints.get("gelu_approximate")
   if approximate is None:
     approximate = _GELUS.get(act, False)
     if act is None:
-      notes.append("exact (erf) GELU assumed (" + (f"'{arch}' is not in the table" if arch else
-                   "no config.json") + "; give gelu_approximate=True for a tanh-GELU model)")
+      assumed.append("exact (erf) GELU assumed (" + (f"'{arch}' is not in the table" if arch else
+                     "no config.json") + "; give gelu_approximate=True for a tanh-GELU model)")
   model = dict(
       num_classes=int(flat["head/kernel"].shape[1]) if "head/kernel" in flat else 0,
       patch_size=[int(ph), int(pw)], hidden_size=int(d), mlp_dim=int(mlp), num_heads=int(heads),
@@ -206,7 +211,7 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
   if labels is not None and len(labels) != model["num_classes"]:
     labels = None
   return Imported(params=tl.nested(flat), config=model, preprocessing=preprocessing(arch, pcfg, model),
-                  label_names=labels, notes=notes, format="timm")
+                  label_names=labels, notes=notes + assumed, format="timm", assumed=assumed)
 
 
 def _split_posemb(t, d, patch, has_cls, regs, image_size, notes):
