@@ -15,7 +15,7 @@ epsilon, the pooling and whether it reads the class token and registers (`pool_i
 `config.json` for `timm/<name>` has only the name, so the table is what makes those checkpoints load as
 timm builds them. An architecture the table does not know (or no config.json at all) loads only with
 `num_heads` given; its epsilon and GELU form are then assumed (1e-5 for CLIP towers, else 1e-6; exact
-GELU) and noted. Architectures whose modules vit_cls does not build (timm's Eva, relative-position ViTs,
+GELU), noted, and warned about by `vit_cls.load` (`Imported.assumed`). Architectures whose modules vit_cls does not build (timm's Eva, relative-position ViTs,
 parallel or post-norm blocks, SwiGLU, RMSNorm, QuickGELU, ...) are refused by name with the reason.
 
 Exact rewrites where vit_cls stores the same function differently: the fused `qkv` splits into query/key/
