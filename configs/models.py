@@ -5,7 +5,7 @@ Training configs take one of these as `config.model` and may override any field 
 size, dropout, dtype, ...); `vit_cls.train` passes the fields to `VisionTransformer` unchanged. Every
 field of `VisionTransformer` but `num_classes` (the dataset's) is here, at the model's own default, so
 that `--config.model.FIELD=...` reaches it (the command line refuses fields a config does not have);
-`tests/test_configs.py` checks that none is missing. README.md's model table says what each one does.
+`tests/test_configs.py` checks that none is missing. docs/model.md's table says what each one does.
 
     python train.py --config=configs/default.py --config.model.pool=gap
 """

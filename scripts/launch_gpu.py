@@ -18,7 +18,7 @@ path (NFS, Lustre, a gcsfuse mount): orbax writes one checkpoint from all proces
 Stopping and preemption: on SIGTERM or Ctrl-C the launcher sends SIGTERM to every remote train.py (by
 the process id each one reports first); JAX's preemption sync then has all processes save the same step
 and exit, and running the same command again resumes from it. A cluster scheduler that signals the
-processes itself (Slurm) needs no launcher: see docs/scale_out.md.
+processes itself (Slurm) needs no launcher: see docs/training.md (Several GPUs).
 """
 
 from __future__ import annotations

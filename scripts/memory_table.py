@@ -1,6 +1,6 @@
 """What fits where: per-device memory of the real training step, from XLA's own memory analysis.
 
-    python scripts/memory_table.py                                   # the table in docs/scale_out.md
+    python scripts/memory_table.py                                   # the table in docs/memory.md
     python scripts/memory_table.py --models=L/16 --resolutions=384 --batches=32 --json=/tmp/l16.json
     python scripts/memory_table.py --platform=gpu --devices=1 --fsdp=false   # a real accelerator
     python scripts/memory_table.py --from_json=a.json,b.json         # print a table from saved runs
@@ -16,7 +16,7 @@ With --platform=cpu (the default) the devices are simulated (`--xla_force_host_p
 so fsdp over 8 devices can be measured on any machine. The numbers are then the CPU compiler's buffer
 assignment of the same program: GPU and TPU compilers fuse more and, on GPU, `attention_impl="fused"`
 runs cuDNN flash attention with no [tokens x tokens] buffers, so the CPU numbers overstate activation
-memory (about 2x against the H200 compiler, docs/scale_out.md). --platform=gpu or tpu measures the real
+memory (about 2x against the H200 compiler, docs/memory.md). --platform=gpu or tpu measures the real
 compiler on the devices present (replicated data parallelism needs only one: its per-device memory does
 not depend on the device count).
 """

@@ -247,7 +247,7 @@ def test_sigterm_on_one_host_checkpoints_one_step_on_all_and_exits(runs):
 
 
 def test_the_data_order_depends_on_the_process_count(tiny_config):
-  """Documented behaviour (docs/scale_out.md): 2 processes see other global batches than 1 process."""
+  """Documented behaviour (docs/training.md, Batch semantics): 2 processes see other global batches than 1 process."""
   tiny_config.batch_size = 32
   one = next(input_pipeline.create_train_iterator(tiny_config, process_index=0, process_count=1))
   two = next(_two_process_batches(tiny_config))

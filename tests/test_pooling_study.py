@@ -1,6 +1,7 @@
-"""The pooling study (experiments/pooling_study.py): its quick mode runs end to end and writes what the
-README quotes; its parts (data, optimizer, statistics, rate choice) compute what the docstring says; and
-its `cls_appended` head is the `cls` head permuted, so any gap between the two is noise, not architecture."""
+"""The pooling study (experiments/pooling_study.py): its quick mode runs end to end and writes what
+docs/class_token_study.md quotes; its parts (data, optimizer, statistics, rate choice) compute what the
+docstring says; and its `cls_appended` head is the `cls` head permuted, so any gap between the two is
+noise, not architecture."""
 
 import csv
 import importlib.util
