@@ -1,6 +1,8 @@
-"""The README stays true: its loading example runs as written, and CI runs its test command."""
+"""The README stays true: its loading example runs as written, CI runs its test command, and every relative link
+and #anchor of README.md, docs/*.md and the other top-level pages leads somewhere inside the repository."""
 
 import contextlib
+import glob
 import io
 import os
 import re
@@ -37,3 +39,66 @@ def test_ci_runs_the_readme_test_command():
     ci = f.read()
   assert "python -m pytest -q" in command and "python3 -m pytest -q" in ci
   assert "pip install -r requirements.txt" in command and "-r requirements.txt" in ci
+
+
+def _slug(heading):
+  """GitHub's anchor of a heading: markup dropped, lower case, punctuation removed, spaces to hyphens."""
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+  return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def _unfenced(text):
+  return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _prose(text):
+  """The text with fenced code blocks and inline code removed (links there are code, not links)."""
+  return re.sub(r"`[^`]*`", "", _unfenced(text))
+
+
+def _anchors(path):
+  anchors, seen = set(), {}
+  with open(path, encoding="utf-8") as f:
+    for line in _unfenced(f.read()).splitlines():
+      m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+      if m:
+        slug = _slug(m.group(1))
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+  return anchors
+
+
+def _pages():
+  return sorted(glob.glob(os.path.join(REPO, "*.md")) + glob.glob(os.path.join(REPO, "docs", "*.md")))
+
+
+def test_every_relative_link_and_anchor_resolves():
+  assert _slug("Starting from timm / Hugging Face weights") == "starting-from-timm--hugging-face-weights"
+  assert _slug("Published ViT `.npz` files") == "published-vit-npz-files"
+  pages = _pages()
+  assert os.path.join(REPO, "README.md") in pages and len(pages) > 2
+  broken = []
+  for page in pages:
+    with open(page, encoding="utf-8") as f:
+      text = _prose(f.read())
+    for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
+      if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not checked here
+        continue
+      where = os.path.relpath(page, REPO)
+      path, _, anchor = target.partition("#")
+      resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+      if os.path.relpath(resolved, REPO).startswith(".."):
+        broken.append(f"{where}: {target} points outside the repository")
+      elif not os.path.exists(resolved):
+        broken.append(f"{where}: {target}: no such file")
+      elif anchor and anchor not in _anchors(resolved):
+        broken.append(f"{where}: {target}: no heading with that anchor")
+  assert not broken, "\n".join(broken)
+
+
+def test_readme_links_every_docs_page_it_moved_out():
+  readme = _readme()
+  for page in ("training", "cloud_tpu", "cloud_storage", "memory", "model", "zoo", "class_token_study"):
+    assert f"](docs/{page}.md" in readme, page
+  assert len(readme.splitlines()) < 250  # what a newcomer reads in ten minutes; the rest is in docs/
