@@ -48,7 +48,35 @@ def load_image(path: str, image_size, preprocessing: dict | None = None) -> np.n
     raise ValueError(f"{path}: cannot read the image ({e}).") from None
   if x.shape[:2] != (h, w):
     x = np.asarray(jax.image.resize(x, (h, w, 3), "linear", antialias=False))
-  return np.clip(x / 127.5 - 1.0, -1.0, 1.0)
+  return normalize(x, preprocessing)
+
+
+def normalize(x, preprocessing: dict | None, xp=np):
+  """float32 [0, 255] pixels (resized and cropped) -> the model's input values.
+
+  This project's checkpoints see [-1, 1]; an imported one its own mean/std of [0, 1] pixels. One
+  function for both `load_image` and the serving exports (vit_cls.export_serving runs it inside the
+  exported program with `xp=jax.numpy`), so that the two cannot drift apart.
+  """
+  if not preprocessing or preprocessing.get("source") == "vit_cls":
+    return xp.clip(x / 127.5 - 1.0, -1.0, 1.0)
+  x = x / 255.0
+  return ((x - xp.asarray(preprocessing["mean"], xp.float32)) /
+          xp.asarray(preprocessing["std"], xp.float32)).astype(xp.float32)
+
+
+def eval_resize(image_wh: tuple[int, int], h: int, w: int, pp: dict) -> tuple[int, int]:
+  """The (width, height) an imported checkpoint's transform resizes an image of `image_wh` to, before
+  its (w, h) centre crop: the crop is `crop_pct` of the resized image (the shorter side to
+  floor(size / crop_pct) for a square input), or no crop at all without `crop_pct`.
+  """
+  crop = pp.get("crop_pct")
+  if not crop:
+    return w, h
+  if h == w:
+    short, (iw, ih) = int(h / crop), image_wh  # torchvision's Resize(int): the shorter side
+    return (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
+  return int(w / crop), int(h / crop)
 
 
 def _foreign_preprocess(img, h: int, w: int, pp: dict) -> np.ndarray:
@@ -61,20 +89,11 @@ def _foreign_preprocess(img, h: int, w: int, pp: dict) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
               "lanczos": Image.LANCZOS}.get(pp.get("interpolation"), Image.BILINEAR)
-  crop = pp.get("crop_pct")
-  if crop:
-    if h == w:
-      short, (iw, ih) = int(h / crop), img.size  # torchvision's Resize(int): the shorter side
-      size = (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
-    else:
-      size = (int(w / crop), int(h / crop))
-    img = img.resize(size, resample)
+  img = img.resize(eval_resize(img.size, h, w, pp), resample)  # PIL: the same size -> a copy
+  if img.size != (w, h):
     left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
     img = img.crop((left, top, left + w, top + h))
-  else:
-    img = img.resize((w, h), resample)
-  x = np.asarray(img, dtype=np.float32) / 255.0
-  return ((x - np.asarray(pp["mean"], np.float32)) / np.asarray(pp["std"], np.float32)).astype(np.float32)
+  return normalize(np.asarray(img, dtype=np.float32), pp)
 
 
 def top_k(probs: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -1,0 +1,174 @@
+"""vit_cls.export_serving: StableHLO, SavedModel and ONNX exports against vit_cls.predict.
+
+Three checkpoints: one trained here by `train.train_and_evaluate` (a 1-layer width-32 ViT, 16x16), the
+imported DINOv2-with-registers fixture (28x28, crop_pct 1.0) and the MAP-head SigLIP fixture (no head:
+features; 16x16 with crop_pct 0.9, so a 17x17 input centre-cropped in the graph). Each export is written
+once per module (`exported`) and checked on batch 37 and batch 1 of the same images, which predict reads
+as PNG files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from vit_cls import checkpoint as ckpt_lib
+from vit_cls import export_serving as es
+from vit_cls import predict as predict_lib
+
+ZOO = os.path.join(os.path.dirname(__file__), "fixtures", "zoo")
+N = 37
+# float32 against float32: the same XLA program for StableHLO and the SavedModel, and a different
+# kernel library (ONNX Runtime) for ONNX; the largest difference seen is printed by each parity test.
+TOL = 1e-5
+
+
+def _tiny_trained(workdir):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from vit_cls import train  # pylint: disable=g-import-not-at-top
+  config = default.get_config()  # conftest's tiny_config (function-scoped there)
+  config.model.update(dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                           representation_size=32, attention_impl="einsum"))
+  config.update(dict(total_steps=12, warmup_steps=2, batch_size=32, eval_batch_size=64, log_every=4,
+                     eval_every=12, checkpoint_every=6, shuffle_buffer=256))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(root):
+  return {"trained": _tiny_trained(str(root / "work")),
+          "dinov2_reg": os.path.join(ZOO, "timm_dinov2_reg"),
+          "siglip_map": os.path.join(ZOO, "timm_siglip")}
+
+
+class Reference:
+  """One checkpoint's test images (uint8 at the export's input size, and as PNG files) and what
+  vit_cls.predict makes of them."""
+
+  def __init__(self, checkpoint, folder):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    self.loaded = ckpt_lib.load_with_info(checkpoint)
+    self.spec = es.serving_spec(self.loaded)
+    h, w = self.spec.input_hw
+    self.images = np.random.RandomState(0).randint(0, 256, (N, h, w, 3)).astype(np.uint8)
+    os.makedirs(folder, exist_ok=True)
+    self.paths = [os.path.join(folder, f"{i}.png") for i in range(N)]
+    self.png = []
+    for path, image in zip(self.paths, self.images):
+      Image.fromarray(image).save(path)
+      with open(path, "rb") as f:
+        self.png.append(f.read())
+    # predict's own model inputs, and the model on them (predict returns only probabilities).
+    self.model_inputs = np.stack([predict_lib.load_image(p, self.loaded.image_size,
+                                                         self.loaded.preprocessing)
+                                  for p in self.paths])
+    model, params = self.loaded.model, self.loaded.params
+    out = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x, train=False))(
+        self.model_inputs))
+    self.expected = {"features": out} if not self.spec.num_classes else {"logits": out}
+    if self.spec.num_classes:
+      # vit_cls.predict itself: every class, ranked, with its probability.
+      ranked = predict_lib.predict(checkpoint, self.paths, k=self.spec.num_classes)
+      names = self.spec.label_names
+      probs = np.zeros((N, self.spec.num_classes), np.float32)
+      for i, (_, row) in enumerate(ranked):
+        for label, p in row:
+          probs[i, names.index(str(label)) if self.loaded.label_names else int(label)] = p
+      self.expected["probabilities"] = probs
+      self.expected_top = np.argsort(-probs, axis=1, kind="stable")[:, :self.spec.top_k]
+
+  def check(self, outputs: dict, batch: int, what: str) -> float:
+    """Asserts `outputs` (numpy, for the first `batch` images) match predict; the largest |diff|."""
+    worst = 0.0
+    for key, want in self.expected.items():
+      got = np.asarray(outputs[key])
+      assert got.shape == want[:batch].shape, (what, key, got.shape)
+      worst = max(worst, float(np.abs(got - want[:batch]).max()))
+    assert worst <= TOL, f"{what}: max |diff| {worst:.2e} > {TOL}"
+    if self.spec.num_classes:
+      np.testing.assert_array_equal(np.asarray(outputs["top5_indices"]), self.expected_top[:batch])
+      np.testing.assert_allclose(np.asarray(outputs["top5_probabilities"]),
+                                 np.take_along_axis(self.expected["probabilities"][:batch],
+                                                    self.expected_top[:batch], 1), atol=TOL)
+    return worst
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints, root):
+  return {name: Reference(path, str(root / "images" / name)) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, root):
+  """`exported(name, fmt)`: the export's folder, written on first use."""
+  done = {}
+
+  def get(name, fmt, **kwargs):
+    key = (name, fmt, tuple(sorted(kwargs.items())))
+    if key not in done:
+      out = str(root / "exports" / f"{name}_{fmt}_{len(done)}")
+      es.export(checkpoints[name], fmt, out, **kwargs)
+      done[key] = out
+    return done[key]
+
+  return get
+
+
+NAMES = ["trained", "dinov2_reg", "siglip_map"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# StableHLO: run where vit_cls cannot be imported.
+
+_RUN_STABLEHLO = textwrap.dedent("""
+    import sys
+    sys.modules["vit_cls"] = None  # `import vit_cls` now fails, whatever is installed
+    import json, numpy as np, jax
+    jax.config.update("jax_platforms", "cpu")
+    for folder, images, out in json.loads(sys.argv[1]):
+      with open(folder + "/model.stablehlo", "rb") as f:
+        program = jax.export.deserialize(bytearray(f.read()))
+      x = np.load(images)
+      results = {}
+      for batch in (len(x), 1):
+        for k, v in program.call(x[:batch]).items():
+          results[f"{batch}/{k}"] = np.asarray(v)
+      np.savez(out, platforms=np.array(program.platforms), **results)
+    try:
+      import vit_cls  # noqa
+      print("vit_cls importable")
+    except ImportError:
+      print("vit_cls not importable")
+""")
+
+
+def test_stablehlo_parity_without_vit_cls(references, exported, root):
+  jobs = []
+  for name in NAMES:
+    ref = references[name]
+    np.save(str(root / f"{name}_images.npy"), ref.images)
+    jobs.append((exported(name, "stablehlo"), str(root / f"{name}_images.npy"),
+                 str(root / f"{name}_stablehlo_out.npz")))
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  proc = subprocess.run([sys.executable, "-c", _RUN_STABLEHLO, json.dumps(jobs)], cwd=str(root),
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("vit_cls not importable")
+  for name, (_, _, out) in zip(NAMES, jobs):
+    results = np.load(out)
+    assert list(results["platforms"]) == ["cpu", "cuda", "tpu"]
+    for batch in (N, 1):
+      got = {k.split("/", 1)[1]: results[k] for k in results.files if k.startswith(f"{batch}/")}
+      worst = references[name].check(got, batch, f"stablehlo {name} batch {batch}")
+      print(f"parity stablehlo {name} batch {batch}: max |diff| {worst:.1e}")
