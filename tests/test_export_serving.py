@@ -172,3 +172,38 @@ def test_stablehlo_parity_without_vit_cls(references, exported, root):
       got = {k.split("/", 1)[1]: results[k] for k in results.files if k.startswith(f"{batch}/")}
       worst = references[name].check(got, batch, f"stablehlo {name} batch {batch}")
       print(f"parity stablehlo {name} batch {batch}: max |diff| {worst:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ONNX, with onnxruntime
+
+
+def _need_jax2onnx():
+  pytest.importorskip("jax2onnx", reason="pip install --no-deps -r requirements-export.txt")
+
+
+def _onnx_session(folder):
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  return ort.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_parity(name, references, exported):
+  _need_jax2onnx()
+  import onnx  # pylint: disable=g-import-not-at-top
+  ref = references[name]
+  folder = exported(name, "onnx")
+  model = onnx.load(os.path.join(folder, "model.onnx"))
+  assert {o.domain: o.version for o in model.opset_import}[""] == es.ONNX_OPSET
+  meta = {p.key: p.value for p in model.metadata_props}
+  assert json.loads(meta["label_names"]) == ref.spec.label_names
+  session = _onnx_session(folder)
+  (inp,) = session.get_inputs()
+  assert inp.name == "images" and inp.type == "tensor(uint8)"
+  assert inp.shape == ["batch", *ref.spec.input_hw, 3]  # the batch dimension is dynamic
+  names = [o.name for o in session.get_outputs()]
+  assert names == ref.spec.output_names()
+  for batch in (N, 1):
+    got = dict(zip(names, session.run(None, {"images": ref.images[:batch]})))
+    worst = ref.check(got, batch, f"onnx {name} batch {batch}")
+    print(f"parity onnx {name} batch {batch}: max |diff| {worst:.1e}")

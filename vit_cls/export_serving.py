@@ -181,8 +181,12 @@ def write_stablehlo(loaded, spec: ServingSpec, out_dir: str) -> list[str]:
 
 def write_onnx(loaded, spec: ServingSpec, out_dir: str) -> list[str]:
   """DIR/model.onnx via jax2onnx, checked by onnx's checker; class names in its metadata too."""
+  import logging  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
+  # jax2onnx imports every plugin it has on first use, and logs a traceback for each one whose library
+  # is absent (equinox, dm-pix: other model libraries, not needed for a Flax ViT).
+  logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
   h, w = spec.input_hw
   fn = serving_function(loaded, spec)
