@@ -207,3 +207,52 @@ def test_onnx_parity(name, references, exported):
     got = dict(zip(names, session.run(None, {"images": ref.images[:batch]})))
     worst = ref.check(got, batch, f"onnx {name} batch {batch}")
     print(f"parity onnx {name} batch {batch}: max |diff| {worst:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# SavedModel, as TF Serving would load it
+
+
+@pytest.fixture(scope="module")
+def savedmodels(exported):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {name: tf.saved_model.load(os.path.join(exported(name, "savedmodel"), "1")) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_savedmodel_parity_both_signatures(name, references, exported, savedmodels):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ref = references[name]
+  folder = exported(name, "savedmodel")
+  assert sorted(os.listdir(folder)) == ["1", "serving.json"]  # TF Serving: base path, version 1
+  assert os.path.exists(os.path.join(folder, "1", "saved_model.pb"))
+  signatures = savedmodels[name].signatures
+  assert set(signatures) == {"serving_default", "serving_bytes"}
+  for batch in (N, 1):
+    by_signature = {
+        "serving_default": signatures["serving_default"](images=tf.constant(ref.images[:batch])),
+        # PNGs at the input size: decoded, not resampled, so the same numbers.
+        "serving_bytes": signatures["serving_bytes"](image_bytes=tf.constant(ref.png[:batch])),
+    }
+    for sig, out in by_signature.items():
+      got = {k: v.numpy() for k, v in out.items()}
+      assert sorted(got) == sorted(ref.spec.output_names(with_labels=True))
+      worst = ref.check(got, batch, f"savedmodel {sig} {name} batch {batch}")
+      print(f"parity savedmodel {sig} {name} batch {batch}: max |diff| {worst:.1e}")
+      if ref.spec.num_classes:
+        labels = [[s.decode() for s in row] for row in got["top5_labels"]]
+        assert labels == [[ref.spec.label_names[i] for i in row] for row in ref.expected_top[:batch]]
+
+
+def test_savedmodel_bytes_resizes_any_image(references, savedmodels):
+  """A grayscale JPEG of another size: decoded as RGB, resized to the input size, classified."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.random.RandomState(3).randint(0, 256, (9, 13), dtype=np.uint8), "L").save(
+      buf, format="JPEG")
+  out = savedmodels["dinov2_reg"].signatures["serving_bytes"](
+      image_bytes=tf.constant([buf.getvalue(), references["dinov2_reg"].png[0]]))
+  probs = out["probabilities"].numpy()
+  assert probs.shape == (2, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
