@@ -256,3 +256,99 @@ def test_savedmodel_bytes_resizes_any_image(references, savedmodels):
       image_bytes=tf.constant([buf.getvalue(), references["dinov2_reg"].png[0]]))
   probs = out["probabilities"].numpy()
   assert probs.shape == (2, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --no_preprocess: float32 model inputs, as predict.load_image makes them
+
+
+@pytest.mark.parametrize("fmt", es.FORMATS)
+def test_no_preprocess_takes_model_inputs(fmt, references, exported):
+  if fmt == "onnx":
+    _need_jax2onnx()
+  ref = references["dinov2_reg"]
+  folder = exported("dinov2_reg", fmt, preprocess=False)
+  info = json.load(open(os.path.join(folder, "serving.json")))
+  assert info["input"] == {"name": "images", "shape": ["batch", 28, 28, 3], "dtype": "float32"}
+  assert info["preprocessing"] is None
+  x = ref.model_inputs
+  if fmt == "stablehlo":
+    import jax  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(folder, "model.stablehlo"), "rb") as f:
+      got = jax.export.deserialize(bytearray(f.read())).call(x)
+  elif fmt == "onnx":
+    session = _onnx_session(folder)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
+  else:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    loaded = tf.saved_model.load(os.path.join(folder, "1"))
+    assert set(loaded.signatures) == {"serving_default"}  # no encoded-image signature without pp
+    got = loaded.signatures["serving_default"](images=tf.constant(x))
+  ref.check({k: np.asarray(v) for k, v in got.items()}, N, f"{fmt} --no_preprocess")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line each
+
+
+def test_unknown_format_is_refused(capsys):
+  with pytest.raises(SystemExit) as e:
+    es.main(["--checkpoint", os.path.join(ZOO, "timm_siglip"), "--format", "tflite", "--out", "x"])
+  assert e.value.code == 2
+  assert "invalid choice: 'tflite'" in capsys.readouterr().err.splitlines()[-1]
+  with pytest.raises(ValueError, match="unknown format 'tflite'; choose one of stablehlo, savedmodel, onnx"):
+    es.export(os.path.join(ZOO, "timm_siglip"), "tflite", "x")
+
+
+@pytest.mark.parametrize("what", ["garbage.npz", "missing"])
+def test_checkpoint_that_does_not_load_is_one_line(what, tmp_path, capsys):
+  path = tmp_path / what
+  if what.endswith(".npz"):
+    path.write_bytes(b"not a checkpoint")
+  out = tmp_path / "out"
+  assert es.main(["--checkpoint", str(path), "--format", "stablehlo", "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {path}: cannot export: "), err
+  assert not out.exists() and os.listdir(tmp_path) == ([what] if path.exists() else [])
+
+
+def test_existing_out_dir_needs_overwrite(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "old.txt").write_text("keep me")
+  argv = ["--checkpoint", os.path.join(ZOO, "timm_siglip"), "--format", "stablehlo", "--out", str(out)]
+  assert es.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: {out} exists; pass --overwrite to replace it"]
+  assert os.listdir(out) == ["old.txt"]
+  assert es.main(argv + ["--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["model.stablehlo", "serving.json"]
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary folder left behind
+  line = capsys.readouterr().out.strip()
+  assert line == f"{out}: stablehlo, input images uint8 [batchx17x17x3], outputs features"
+
+
+@pytest.mark.parametrize("fmt", es.FORMATS)
+def test_wrong_image_size_or_channels_is_refused(fmt, references, exported, savedmodels):
+  if fmt == "onnx":
+    _need_jax2onnx()
+  good = references["dinov2_reg"].images[:2]  # [2, 28, 28, 3]
+  bad = {"size": np.ascontiguousarray(good[:, :, 1:]), "channels": np.ascontiguousarray(good[..., :1])}
+  folder = exported("dinov2_reg", fmt)
+  if fmt == "stablehlo":
+    import jax  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(folder, "model.stablehlo"), "rb") as f:
+      program = jax.export.deserialize(bytearray(f.read()))
+    call, error, message = program.call, ValueError, r"Shape mismatch .* expected \(batch, 28, 28, 3\)"
+  elif fmt == "onnx":
+    session = _onnx_session(folder)
+    call = lambda x: session.run(None, {"images": x})
+    error, message = Exception, "Got invalid dimensions for input: images"
+  else:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    serve = savedmodels["dinov2_reg"].signatures["serving_default"]
+    call = lambda x: serve(images=tf.constant(x))
+    error, message = tf.errors.InvalidArgumentError, r"images must be uint8 \[batch, 28, 28, 3\]"
+  for what, x in bad.items():
+    with pytest.raises(error, match=message):
+      call(x)
