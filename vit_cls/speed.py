@@ -10,6 +10,8 @@ Imports only jax (and flax for `apply_in_chunks`'s type), like the model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Any, Callable
 
@@ -26,9 +28,58 @@ REMAT_POLICIES = ("none", "block", "dots")
 # Attention.
 
 
+# The platform the step is being compiled for, when that is not the process's own backend: set by
+# `compiling_for` while `vit_cls.aot` traces a step for GPUs on a machine without one. The kernel must
+# follow the target, not the process, or an ahead-of-time compile for a GPU would build (and measure)
+# the CPU's attention instead of what a GPU run builds.
+_target_platform: str | None = None
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within the block, attention picks its path for `platform` ("gpu", "tpu", "cpu") instead of
+  `jax.default_backend()`. Only tracing happens inside it (jit traces lazily: lower within it)."""
+  global _target_platform
+  previous, _target_platform = _target_platform, {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+  try:
+    yield
+  finally:
+    _target_platform = previous
+
+
+def target_platform() -> str:
+  return _target_platform or jax.default_backend()
+
+
 def _use_cudnn(dtype) -> bool:
   """Whether `fused` means cuDNN's kernel: on a GPU, in half precision (it has no float32 kernels)."""
-  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return target_platform() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def padded_attention(q: Array, k: Array, v: Array, *, causal: bool, implementation: str,
+                     multiple: int = 2) -> Array:
+  """`jax.nn.dot_product_attention` over [b, t, heads, hd] with the tokens padded to a `multiple`, the
+  padding masked through the sequence lengths, and the output cut back to the t real tokens.
+
+  Why: a class-token ViT has an odd number of tokens (197 for B/16 at 224 px: 196 patches + `cls`), and
+  jax's cuDNN path refuses odd lengths in training. The rule is in `check_is_flash_attention`
+  (jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10.2): "training with a bias needs even Q and KV
+  lengths" -- and the training rule passes `has_bias=bias is not None` after the wrapper has replaced a
+  missing bias by a zero-size placeholder array, so every training call counts as biased. Padded to 198
+  with query/key lengths 197 (cuDNN's PADDING mask), the padded keys get no weight and the padded query
+  rows are dropped, so the function (and its gradient) is the unpadded one; tests/test_aot.py checks it
+  on the CPU with the `xla` implementation, which takes the same arguments.
+  """
+  b, t = q.shape[0], q.shape[1]
+  extra = -t % multiple
+  if not extra:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0)))
+  lengths = jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=causal,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
 
 
 def tokens_first(impl: str, dtype) -> bool:
@@ -58,13 +109,16 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, causal: bool = False,
 def _attention(q, k, v, *, impl, causal, probs_fn, need_probs, matmul_dtype):
   if tokens_first(impl, q.dtype) and not (need_probs or probs_fn is not None):
     kernel = "cudnn" if impl in ("cudnn", "fused") else "xla"
+    # cuDNN: odd token counts (a class token) padded to even, masked; see `padded_attention`.
+    call = functools.partial(padded_attention, causal=causal, implementation=kernel,
+                             multiple=2 if kernel == "cudnn" else 1)
     if impl == "fused":
       try:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel), None
+        return call(q, k, v), None
       except (NotImplementedError, ValueError, RuntimeError):
         pass  # shapes or cuDNN version not supported: fall through to the explicit product
     else:
-      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel), None
+      return call(q, k, v), None
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [b, heads, t, hd]
   mm = lambda a, b: matmul(a, b, matmul_dtype=matmul_dtype)
   scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)

@@ -608,12 +608,12 @@ def threading_is_main() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
-  """Initial state, and its abstract twin (shapes and shardings) for checkpoint restores.
+def abstract_train_state(model, tx, config, mesh) -> tuple[Any, TrainState]:
+  """The state's init function, and its abstract twin: ShapeDtypeStructs carrying the shardings.
 
-  Replicated, or with `config.fsdp` sharded along the data axis (`sharding.state_shardings`). The state
-  is created in its layout by the jitted init, never whole on one device: a model that fits only sharded
-  can start.
+  Replicated, or with `config.fsdp` sharded along the data axis (`sharding.state_shardings`). Nothing is
+  allocated: `init_state` runs the function into that layout, and `vit_cls.aot` compiles the step
+  against the abstract state for chips this machine does not have.
   """
   size = config.image_size
 
@@ -626,8 +626,84 @@ def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
   shardings = sharding.state_shardings(abstract, mesh, fsdp=config.get("fsdp", False))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  state = jax.jit(init, out_shardings=shardings)()
+  return init, abstract
+
+
+def init_state(model, tx, config, mesh) -> tuple[TrainState, TrainState]:
+  """Initial state, and its abstract twin (shapes and shardings) for checkpoint restores.
+
+  The state is created in its layout by the jitted init, never whole on one device: a model that fits
+  only sharded can start.
+  """
+  init, abstract = abstract_train_state(model, tx, config, mesh)
+  state = jax.jit(init, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))()
   return state, abstract
+
+
+def build_steps(config, model, tx, schedule, num_classes: int, mesh, abstract_state: TrainState):
+  """The jitted train and eval steps exactly as the training loop runs them: (step_fn, eval_fn).
+
+  One place for everything that decides a step's cost (the model, the optimizer, the state and batch
+  layouts, fsdp's activation constraints, donation), so that `vit_cls.aot` compiles this very function
+  for a TPU slice or a GPU node rather than a copy that could drift from it.
+  """
+  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
+  # fsdp: activations pinned to the batch layout, so XLA gathers weights (ZeRO-3), not activations.
+  step_model = sharding.BatchShardedModel(model, mesh) if config.get("fsdp", False) else model
+  step_fn = jax.jit(
+      functools.partial(train_step, model=step_model, tx=tx, schedule=schedule, config=config,
+                        num_classes=num_classes),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model=step_model, num_classes=num_classes),
+                    in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+  return step_fn, eval_fn
+
+
+def abstract_batch(config, mesh, batch_size: int | None = None, *, eval_batch: bool = False) -> dict:
+  """ShapeDtypeStructs of a global batch as `sharding.global_batch` assembles it from the input
+  pipeline: float32 images, int32 labels, and for evaluation the float32 mask of padded examples."""
+  n, size = batch_size or config.batch_size, config.image_size
+  sh = sharding.batch_sharding(mesh)
+  batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=sh),
+           "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh)}
+  if eval_batch:
+    batch["mask"] = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=sh)
+  return batch
+
+
+def compiled_bytes(compiled) -> dict:
+  """What one device needs for a compiled program, from XLA's buffer assignment: its arguments +
+  outputs + temporaries, less the outputs that reuse donated arguments."""
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+         "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+         "generated_code_bytes": int(getattr(m, "generated_code_size_in_bytes", 0) or 0)}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                        + out["temp_bytes"])
+  return out
+
+
+def compile_and_report(step_fn, abstract_state: TrainState, config, mesh, log):
+  """On a TPU or GPU: compiles the train step before the first batch, logs what one device needs, and
+  returns the compiled step (so that it is not compiled a second time). Elsewhere: `step_fn` unchanged.
+
+  The line is what `python -m vit_cls.aot` predicts for the same config without the chips; both side
+  by side on a real run show whether the prediction holds. CPU runs skip it: the CPU compiler's buffers
+  say little about an accelerator, and the tests should not pay for the step's compile twice.
+  """
+  if jax.default_backend() not in ("tpu", "gpu"):
+    return step_fn
+  compiled = step_fn.lower(abstract_state, abstract_batch(config, mesh)).compile()
+  try:
+    b = compiled_bytes(compiled)
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    log(f"Compiled train step: {b['total_bytes'] / 2**30:.2f} GiB per device (state and batch "
+        f"{b['argument_bytes'] / 2**30:.2f}, temporaries {b['temp_bytes'] / 2**30:.2f})"
+        + (f" of {limit / 2**30:.1f} GiB usable." if limit else "."))
+  except Exception as e:  # pylint: disable=broad-except  (a report, never a reason to stop the run)
+    log(f"Compiled train step: no memory analysis from this backend ({type(e).__name__}).")
+  return compiled
 
 
 def initialise_from(state: TrainState, config, logger, model=None) -> TrainState:
@@ -751,16 +827,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return last_eval
   logger.write_config(config)  # the config this run trains with
 
-  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
-  # fsdp: activations pinned to the batch layout, so XLA gathers weights (ZeRO-3), not activations.
-  step_model = sharding.BatchShardedModel(model, mesh) if config.get("fsdp", False) else model
-  step_fn = jax.jit(
-      functools.partial(train_step, model=step_model, tx=tx, schedule=schedule, config=config,
-                        num_classes=info.num_classes),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=step_model, num_classes=info.num_classes),
-                    in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
+  step_fn, eval_fn = build_steps(config, model, tx, schedule, info.num_classes, mesh, abstract_state)
+  step_fn = compile_and_report(step_fn, abstract_state, config, mesh, logger.info)
 
   logger.info(f"Training {config.model.get('name', 'ViT')} on {config.dataset}: "
               f"{info.num_train_examples} train / {info.num_eval_examples} eval examples, "

@@ -1,0 +1,575 @@
+"""Compile train.py's own step for a TPU slice or a GPU node that this machine does not have, and say
+what it costs: memory per chip against the chip's, FLOPs, collectives, a roofline estimate.
+
+    python -m vit_cls.aot --config=configs/pretrain_imagenet.py:B/16,imagenet2012 --target=v5e:4x4 \\
+        --config.batch_size=4096 [--config.FIELD=VALUE ...] [--json=PATH]
+
+Targets: TPU slices by their Cloud TPU topology names (`v4:2x2x1`, `v5e:2x4`, `v5e:4x4`, `v5p:2x2x2`,
+`v6e:2x2`, `tpu7x:2x2x1`; single- and multi-host), GPU nodes as chip:GPUs per host (`h100:8`, `h200:8`,
+`a100:8`) or chip:hosts x GPUs (`h100:2x8`). TPU targets need libtpu (`pip install -r
+requirements-tpu.txt`), GPU targets the CUDA plugin (`requirements-gpu.txt`); neither needs the chips, a
+driver or a dataset (the number of classes and the resolution come from the config).
+
+What is compiled is not a copy: `vit_cls.train.build_steps` gives the jitted train and eval steps that
+`train_and_evaluate` runs (model, optimizer, data or fsdp layout, remat, gradient accumulation,
+donation, dtypes), over a mesh of the target's compile-only devices (`jax.experimental.topologies`),
+lowered on ShapeDtypeStructs and compiled by the target's own compiler (libtpu's, or XLA's GPU compiler
+given a GPU target description from vit_cls/gpu_targets/). The serving program is `model.apply` on a
+batch, sharded the same way.
+
+A compile gives memory (XLA's buffer assignment: exact for the program, before the runtime's own
+reserve) and FLOPs (XLA's cost analysis of the compiled program, per device). It never gives a speed: the
+roofline below is an upper bound from the vendors' peak figures (vit_cls/chips.py), not a measurement.
+
+The JSON (`--json`) holds at least: target, chips, chip_kind, per_chip_bytes (the train step's total),
+chip_memory_bytes, fits, flops_per_chip (compiled), analytic_flops_per_chip, compile_seconds, and for GPU
+targets attention_kernel. Launchers rely on that contract (`scripts/launch_tpu.py` reads `fits`);
+`check_fits(config, target)` returns the same dict in-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from vit_cls import chips as chips_lib
+from vit_cls import errors
+
+_GPU_TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
+
+TPU_EXAMPLES = "v5e:2x4, v5e:4x4, v4:2x2x1, v5p:2x2x2, v6e:2x2, tpu7x:2x2x1"
+GPU_EXAMPLES = "h100:8, h200:8, a100:8, h100:2x8"
+# Dimensions of a Cloud TPU topology name: v5e and v6e slices are 2-D tori, the others 3-D.
+_TPU_DIMS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2, "tpu7x": 3}
+# v4 VMs run in megacore mode (one JAX device per chip); libtpu's default config splits its two cores.
+_TPU_CHIP_CONFIG = {"v4": "megacore"}
+# Classes of the datasets the shipped configs name; anything else: --num_classes, or the prepared dataset.
+KNOWN_NUM_CLASSES = {"imagenet2012": 1000, "imagenet21k": 21843, "cifar10": 10, "cifar100": 100,
+                     "oxford_iiit_pet": 37, "oxford_flowers102": 102, "digits": 10}
+
+
+class TargetError(errors.ConfigError):
+  """A target name that is unknown or malformed, or a compiler package that is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A named accelerator topology. `topology` is what `get_topology_desc` takes for it."""
+
+  name: str
+  chip: chips_lib.Chip
+  topology: str
+  hosts: int | None  # GPU: from the name; TPU: from libtpu's devices (None until compiled)
+  num_chips: int
+
+  @property
+  def platform(self) -> str:
+    return self.chip.platform
+
+
+def parse_target(text: str) -> Target:
+  """`v5e:4x4` or `h100:2x8` -> Target; a TargetError (one line, with examples) otherwise."""
+  name = (text or "").strip().lower()
+  head, sep, tail = name.partition(":")
+  if head in _TPU_DIMS:
+    dims = tail.split("x") if sep else []
+    if len(dims) != _TPU_DIMS[head] or not all(d.isdigit() and int(d) > 0 for d in dims):
+      shape = "x".join(["N"] * _TPU_DIMS[head])
+      raise TargetError(f"--target={text!r}: a {head} slice is written {head}:{shape} (its Cloud TPU "
+                        f"topology, e.g. {_example(head)}).")
+    return Target(name, chips_lib.chip(head), name, None, math.prod(int(d) for d in dims))
+  if head in chips_lib.GPU_NAMES:
+    m = re.fullmatch(r"(?:(\d+)x)?(\d+)", tail) if sep else None
+    if not m or int(m.group(2)) < 1 or int(m.group(2)) > 8 or (m.group(1) and int(m.group(1)) < 1):
+      raise TargetError(f"--target={text!r}: a {head} node is written {head}:GPUS (1 to 8 per host, "
+                        f"e.g. {head}:8) or {head}:HOSTSxGPUS (e.g. {head}:2x8).")
+    hosts, per_host = int(m.group(1) or 1), int(m.group(2))
+    return Target(name, chips_lib.chip(head), f"1x{hosts}x{per_host}", hosts, hosts * per_host)
+  raise TargetError(f"--target={text!r} is not a known target: write a TPU slice ({TPU_EXAMPLES}) or a "
+                    f"GPU node ({GPU_EXAMPLES}).")
+
+
+def _example(head: str) -> str:
+  return next(e for e in TPU_EXAMPLES.split(", ") if e.startswith(head + ":"))
+
+
+def check_installed(target: Target) -> None:
+  """TargetError naming what to install when the target's compiler is not there."""
+  if target.platform == "tpu":
+    if importlib.util.find_spec("libtpu") is None:
+      raise TargetError(f"compiling for {target.name} needs libtpu, the TPU compiler: pip install -r "
+                        f"requirements-tpu.txt (libtpu, a 212 MB wheel; no TPU needed).")
+  elif importlib.util.find_spec("jax_cuda12_plugin") is None and not _has_cuda_pjrt():
+    raise TargetError(f"compiling for {target.name} needs JAX's CUDA plugin, the GPU compiler: pip "
+                      f"install -r requirements-gpu.txt (jax-cuda12-plugin[with-cuda], about 5 GB "
+                      f"installed; no GPU or driver needed).")
+
+
+def _has_cuda_pjrt() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+def prepare_environment(target: Target) -> None:
+  """Before JAX starts a backend: keep the process on the CPU.
+
+  The compile-only devices come from the target's plugin whatever the process's backend is; making
+  that backend the CPU keeps libtpu from probing for a TPU (seconds, and warnings) and the CUDA plugin
+  from calling cuInit on a machine without a driver (its version check fails there otherwise).
+  """
+  if "jax" not in sys.modules or not _backends_initialized():
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _backends_initialized() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def gpu_target_config(target: Target) -> str:
+  with open(os.path.join(_GPU_TARGETS_DIR, f"{target.chip.name}.txtpb")) as f:
+    return f.read()
+
+
+def target_devices(target: Target) -> list:
+  """The target's compile-only devices, in JAX's global device order."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from vit_cls import storage  # pylint: disable=g-import-not-at-top
+  try:
+    # libtpu prints about a dozen lines on stderr when it does not find TPU metadata (this machine is
+    # no TPU VM); they are noise here, so they are kept back and shown only if the call fails.
+    with storage.native_stderr_captured() as captured:
+      if target.platform == "tpu":
+        kwargs = {}
+        if target.chip.name in _TPU_CHIP_CONFIG:
+          kwargs["chip_config_name"] = _TPU_CHIP_CONFIG[target.chip.name]
+        desc = topologies.get_topology_desc(target.topology, platform="tpu", **kwargs)
+      else:
+        desc = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
+                                            topology=target.topology)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.stderr.write("".join(captured))
+    text = " ".join(str(e).split())
+    raise TargetError(f"--target={target.name}: the {target.platform.upper()} plugin refused it: "
+                      f"{text[:300]}") from None
+  devices = list(desc.devices)
+  return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the model should cost.
+
+
+def analytic_forward_flops(model_kwargs: dict, image_size: int) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one image's forward pass: patch embedding, per layer the
+  qkv, attention (q k^T and p v), output projection and MLP, the pre-logits layer and the head.
+  The count of benchmarks/benchmark.py (ViT-B/16 at 224: 17.6 G multiply-adds)."""
+  ph, pw = model_kwargs["patch_size"]
+  patches = (image_size // ph) * (image_size // pw)
+  tokens = patches + (model_kwargs.get("pool", "cls") == "cls") + model_kwargs.get("num_registers", 0)
+  d, m = model_kwargs["hidden_size"], model_kwargs["mlp_dim"]
+  macs = patches * ph * pw * 3 * d
+  macs += model_kwargs["num_layers"] * (4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m)
+  width = d
+  if model_kwargs.get("representation_size"):
+    macs += d * model_kwargs["representation_size"]
+    width = model_kwargs["representation_size"]
+  macs += width * model_kwargs["num_classes"]
+  return 2.0 * macs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading a compiled program.
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_OP_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(_COLLECTIVES)
+                      + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _shape_bytes(text: str) -> list[int]:
+  return [_DTYPE_BYTES[dt] * math.prod(int(x) for x in dims.split(",") if x)
+          for dt, dims in _SHAPE.findall(text)]
+
+
+def _group_size(line: str, default: int) -> int:
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if m and m.group(1):
+    return len(m.group(1).split(","))
+  return default
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict:
+  """The collectives of a compiled program and the bytes each device sends for them, per kind.
+
+  `result_bytes`: the size of what each op produces on one device. `bytes_moved`: what a device sends
+  in a ring implementation over a group of n: all-reduce 2 (n-1)/n of the buffer, all-gather (n-1)/n of
+  its result, reduce-scatter (n-1) x its result, all-to-all (n-1)/n, collective-permute the buffer.
+  An op inside a loop (layer scan, gradient accumulation) is counted once per appearance in the text,
+  not once per iteration, so with `scan_layers` or `accum_steps` these are lower bounds.
+  """
+  out: dict[str, dict] = {}
+  for line in hlo_text.splitlines():
+    m = _OP_LINE.match(line)
+    if not m:
+      continue
+    shapes, kind, started = m.group(1), m.group(2), m.group(3)
+    sizes = _shape_bytes(shapes)
+    if not sizes:
+      continue
+    # An async start returns (operands..., results...): the results are the second half.
+    size = sum(sizes[len(sizes) // 2:]) if started and len(sizes) > 1 else sum(sizes)
+    n = _group_size(line, num_devices)
+    if n <= 1:
+      continue
+    factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
+              "all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
+    entry = out.setdefault(kind, {"count": 0, "result_bytes": 0, "bytes_moved": 0})
+    entry["count"] += 1
+    entry["result_bytes"] += size
+    entry["bytes_moved"] += int(size * factor)
+  return out
+
+
+def attention_kernel(hlo_text: str) -> dict:
+  """Which attention the compiled program runs: cuDNN's fused kernels (custom calls named
+  `__cudnn$fmha...`, forward and backward counted apart), Pallas kernels on TPU, or XLA's own."""
+  calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo_text)
+  backward = sum("Backward" in c for c in calls)
+  pallas = len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
+  if calls:
+    kernel = "cudnn"
+  elif pallas:
+    kernel = "pallas"
+  else:
+    kernel = "xla"
+  return {"kernel": kernel, "cudnn_forward_calls": len(calls) - backward,
+          "cudnn_backward_calls": backward, "pallas_calls": pallas}
+
+
+def _cost(compiled) -> dict:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return dict(ca or {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling.
+
+
+def usable_fraction(target: Target) -> float:
+  """How much of a chip's memory a step may use before the run fails to allocate.
+
+  TPU: libtpu keeps a small reserve; 0.97 of the HBM is what v5e runs report usable (15.48 of 16 GiB
+  would be 0.9675). GPU: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (0.75 unless set)
+  and a step must fit in that pool; launchers that set it higher get the larger share here too.
+  """
+  if target.platform == "tpu":
+    return 0.97
+  return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+
+
+def _num_classes(config, override: int | None) -> int:
+  if override:
+    return int(override)
+  name = str(config.dataset).split(":")[0].split("/")[0]
+  if name in KNOWN_NUM_CLASSES:
+    return KNOWN_NUM_CLASSES[name]
+  try:
+    from vit_cls import input_pipeline  # pylint: disable=g-import-not-at-top
+    return int(input_pipeline.get_dataset_info(config).num_classes)
+  except Exception:  # pylint: disable=broad-except
+    raise errors.ConfigError(
+        f"config.dataset={config.dataset!r}: its number of classes is not known here and the dataset is "
+        f"not prepared: pass --num_classes=N.") from None
+
+
+def _check_batches(config, num_devices: int, inference_batch: int) -> None:
+  from vit_cls import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.check_batch_divisibility(config.batch_size, num_devices, 1, "batch_size")
+  input_pipeline.check_batch_divisibility(config.get("eval_batch_size") or config.batch_size,
+                                          num_devices, 1, "eval_batch_size")
+  per_device = config.batch_size // num_devices
+  accum = config.get("accum_steps", 1)
+  if per_device % accum:
+    raise errors.ConfigError(f"config.accum_steps={accum} does not divide the per-device batch "
+                             f"{per_device} (batch_size={config.batch_size} over {num_devices} devices).")
+  if (per_device // accum) % config.get("batch_chunks", 1):
+    raise errors.ConfigError(f"config.batch_chunks={config.batch_chunks} does not divide the per-device "
+                             f"micro-batch {per_device // accum}.")
+  if inference_batch % num_devices:
+    raise errors.ConfigError(f"--inference_batch={inference_batch} must be a multiple of the "
+                             f"{num_devices} devices.")
+
+
+def _program_report(compiled, seconds: float, target: Target, num_devices: int, analytic_flops: float,
+                    images: int) -> dict:
+  """Per-chip figures of one compiled program, and its roofline estimate."""
+  from vit_cls import train  # pylint: disable=g-import-not-at-top
+  chip, per_chip = target.chip, target.chip.devices_per_chip
+  mem = train.compiled_bytes(compiled)
+  cost = _cost(compiled)
+  text = compiled.as_text()
+  coll = collectives(text, num_devices)
+  flops = float(cost.get("flops", 0.0)) * per_chip
+  traffic = float(cost.get("bytes accessed", 0.0)) * per_chip
+  moved = sum(c["bytes_moved"] for c in coll.values()) * per_chip
+  hosts = target.hosts or 1
+  link = chip.network_bytes_per_s if (target.platform == "cuda" and hosts > 1) else \
+      chip.interconnect_bytes_per_s
+  t_compute, t_memory = flops / chip.bf16_flops_per_s, traffic / chip.hbm_bytes_per_s
+  t_comm = moved / link if link else 0.0
+  step_s = max(t_compute, t_memory) + t_comm
+  analytic_per_chip = analytic_flops / target.num_chips
+  per_chip_images = images / target.num_chips
+  return {
+      "compile_seconds": round(seconds, 2),
+      "per_chip_bytes": mem["total_bytes"] * per_chip,
+      "argument_bytes": mem["argument_bytes"] * per_chip,
+      "output_bytes": mem["output_bytes"] * per_chip,
+      "alias_bytes": mem["alias_bytes"] * per_chip,
+      "temp_bytes": mem["temp_bytes"] * per_chip,
+      "flops_per_chip": flops,
+      "analytic_flops_per_chip": analytic_per_chip,
+      "flops_ratio": flops / analytic_per_chip if analytic_per_chip else None,
+      "bytes_accessed_per_chip": traffic,
+      "collectives": coll,
+      "collective_bytes_per_chip": moved,
+      "roofline": {
+          "compute_seconds": t_compute, "memory_seconds": t_memory, "collective_seconds": t_comm,
+          "step_seconds": step_s, "bound": "compute" if t_compute >= t_memory else "memory",
+          "images_per_second_per_chip": per_chip_images / step_s if step_s else None,
+          "mfu": analytic_per_chip / step_s / chip.bf16_flops_per_s if step_s else None,
+      },
+      "attention": attention_kernel(text),
+  }
+
+
+def compile_for_target(config, target: Target | str, *, programs=("train", "eval", "infer"),
+                       inference_batch: int | None = None, num_classes: int | None = None) -> dict:
+  """Compiles the requested programs of `config` for `target`; returns the report (see the module
+  docstring for the keys). Raises TargetError / errors.ConfigError with one-line messages."""
+  target = parse_target(target) if isinstance(target, str) else target
+  check_installed(target)
+  prepare_environment(target)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from vit_cls import optim, sharding, speed, train  # pylint: disable=g-import-not-at-top
+
+  train.validate_config(config)  # the fields; the batch against the target's devices below
+  devices = target_devices(target)
+  target = dataclasses.replace(target, hosts=len({d.process_index for d in devices}))
+  n = len(devices)
+  inference_batch = inference_batch or 8 * n
+  _check_batches(config, n, inference_batch)
+  classes = _num_classes(config, num_classes)
+  mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
+  model = train.create_model(config, classes)
+  tx, schedule = optim.create_optimizer(config)
+  kwargs = train.model_kwargs(config, classes)
+  forward = analytic_forward_flops(kwargs, config.image_size)
+  # GPU compiles without a GPU: Triton's GEMM autotuner needs a device to pick tile sizes and fails
+  # ("Couldn't find output tile sizes"), so matmuls go to cuBLAS, as XLA does for most of them anyway.
+  options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
+  platform = "gpu" if target.platform == "cuda" else "tpu"
+
+  def compile_(fn, *args):
+    with speed.compiling_for(platform):
+      lowered = fn.lower(*args)
+    t0 = time.perf_counter()
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    return compiled, time.perf_counter() - t0
+
+  with speed.compiling_for(platform):
+    _, abstract = train.abstract_train_state(model, tx, config, mesh)
+  step_fn, eval_fn = train.build_steps(config, model, tx, schedule, classes, mesh, abstract)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+  report = {
+      "target": target.name, "platform": target.platform, "chips": target.num_chips,
+      "devices": n, "hosts": target.hosts, "chip_kind": devices[0].device_kind,
+      "chip_memory_bytes": target.chip.memory_bytes, "usable_fraction": usable_fraction(target),
+      "model": config.model.get("name", "ViT"), "image_size": config.image_size,
+      "num_classes": classes, "batch_size": config.batch_size, "accum_steps": config.get("accum_steps", 1),
+      "fsdp": bool(config.get("fsdp", False)), "remat_policy": config.model.get("remat_policy", "none"),
+      "dtype": str(config.model.get("dtype", "float32")),
+      "attention_impl": config.model.get("attention_impl", "fused"),
+      "params": params,
+      "param_bytes_per_chip": sharding.bytes_per_device(abstract.params) * target.chip.devices_per_chip,
+      "state_bytes_per_chip": sharding.bytes_per_device(abstract) * target.chip.devices_per_chip,
+      "analytic_forward_flops_per_image": forward,
+      "jax": jax.__version__, "chip_facts_source": target.chip.source,
+      "note": "memory and FLOPs from the target's compiler; the roofline is an estimate from peak "
+              "figures, not a measured speed",
+  }
+  if "train" in programs:
+    compiled, seconds = compile_(step_fn, abstract, train.abstract_batch(config, mesh))
+    report["train"] = _program_report(compiled, seconds, target, n, 3 * forward * config.batch_size,
+                                      config.batch_size)
+  if "eval" in programs:
+    eval_batch = config.get("eval_batch_size") or config.batch_size
+    compiled, seconds = compile_(eval_fn, abstract.params,
+                                 train.abstract_batch(config, mesh, eval_batch, eval_batch=True))
+    report["eval"] = _program_report(compiled, seconds, target, n, forward * eval_batch, eval_batch)
+  if "infer" in programs:
+    batch_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
+    serve = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
+                    in_shardings=(jax.tree.map(lambda x: x.sharding, abstract.params), batch_sh),
+                    out_shardings=batch_sh)
+    images = jax.ShapeDtypeStruct((inference_batch, config.image_size, config.image_size, 3),
+                                  np.float32, sharding=batch_sh)
+    compiled, seconds = compile_(serve, abstract.params, images)
+    report["infer"] = _program_report(compiled, seconds, target, n, forward * inference_batch,
+                                      inference_batch)
+    report["inference_batch"] = inference_batch
+  first = report.get("train") or report.get("eval") or report.get("infer")
+  usable = target.chip.memory_bytes * report["usable_fraction"]
+  worst = max(report[p]["per_chip_bytes"] for p in ("train", "eval", "infer") if p in report)
+  report.update({
+      "per_chip_bytes": first["per_chip_bytes"],
+      "fits": bool(worst <= usable),
+      "headroom_bytes": int(usable - worst),
+      "flops_per_chip": first["flops_per_chip"],
+      "analytic_flops_per_chip": first["analytic_flops_per_chip"],
+      "compile_seconds": round(sum(report[p]["compile_seconds"] for p in ("train", "eval", "infer")
+                                   if p in report), 2),
+  })
+  if target.platform == "cuda":
+    report["attention_kernel"] = first["attention"]["kernel"]
+  return report
+
+
+def check_fits(config, target: Target | str, **kwargs) -> dict:
+  """The train step only (the one that decides): the report of `compile_for_target`, whose `fits`
+  says whether it fits the target's chips. For launchers that want the answer in-process."""
+  return compile_for_target(config, target, programs=("train",), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command.
+
+
+def _gib(n: float) -> str:
+  """Bytes in GiB, or MiB below one GiB (tiny test models would read 0.00 GiB)."""
+  return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(r: dict) -> str:
+  lines = [f"{r['model']} at {r['image_size']} px, {r['num_classes']} classes, global batch "
+           f"{r['batch_size']} (accum_steps {r['accum_steps']}), {r['dtype']}, remat "
+           f"{r['remat_policy']}, {'fsdp' if r['fsdp'] else 'replicated'} state, on {r['target']}: "
+           f"{r['chips']} x {r['chip_kind']} ({r['devices']} devices, {r['hosts']} host(s)); "
+           f"{r['params'] / 1e6:.1f} M parameters.",
+           f"Per chip (memory {_gib(r['chip_memory_bytes'])}, usable "
+           f"{_gib(r['chip_memory_bytes'] * r['usable_fraction'])}):"]
+  for name in ("train", "eval", "infer"):
+    p = r.get(name)
+    if not p:
+      continue
+    rf = p["roofline"]
+    coll = ", ".join(f"{k} x{v['count']} ({_gib(v['bytes_moved'])} sent)"
+                     for k, v in sorted(p["collectives"].items())) or "none"
+    title = {"train": "train step", "eval": "eval step",
+             "infer": f"inference, batch {r.get('inference_batch')}"}[name]
+    lines += [
+        f"  {title}: {_gib(p['per_chip_bytes'])} = state/inputs {_gib(p['argument_bytes'])} + "
+        f"outputs {_gib(p['output_bytes'])} - donated {_gib(p['alias_bytes'])} + temporaries "
+        f"{_gib(p['temp_bytes'])}; compiled in {p['compile_seconds']:.1f} s",
+        f"    FLOPs {p['flops_per_chip'] / 1e12:.2f} T compiled vs {p['analytic_flops_per_chip'] / 1e12:.2f}"
+        f" T analytic (x{p['flops_ratio']:.3f}); HBM traffic {_gib(p['bytes_accessed_per_chip'])}",
+        f"    collectives: {coll}",
+        f"    roofline: {rf['step_seconds'] * 1e3:.1f} ms ({rf['bound']}-bound "
+        f"{max(rf['compute_seconds'], rf['memory_seconds']) * 1e3:.1f} ms + collectives "
+        f"{rf['collective_seconds'] * 1e3:.1f} ms) -> at most {rf['images_per_second_per_chip']:.0f} "
+        f"img/s per chip, MFU {rf['mfu']:.0%}",
+        f"    attention: {p['attention']['kernel']}"
+        + (f" ({p['attention']['cudnn_forward_calls']} forward, {p['attention']['cudnn_backward_calls']} "
+           f"backward cuDNN calls)" if p['attention']['kernel'] == 'cudnn' else ""),
+    ]
+  verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+  lines.append(f"{verdict}: headroom {_gib(r['headroom_bytes'])} per chip. (A compile gives memory and "
+               f"FLOPs; the roofline is an upper bound from peak figures, not a measured speed.)")
+  return "\n".join(lines)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def main(argv=None) -> int:
+  """`python -m vit_cls.aot --config=... --target=... [--config.FIELD=...] [--json=PATH]`."""
+  argv = list(sys.argv if argv is None else argv)
+  # The target first, with the standard library only: a bad name or a missing package costs one
+  # line and no JAX import.
+  target_text = None
+  for i, a in enumerate(argv):
+    if a.startswith("--target="):
+      target_text = a.split("=", 1)[1]
+    elif a == "--target" and i + 1 < len(argv):
+      target_text = argv[i + 1]
+  if not target_text:
+    _fail(f"--target is required: a TPU slice ({TPU_EXAMPLES}) or a GPU node ({GPU_EXAMPLES}).")
+  try:
+    target = parse_target(target_text)
+    check_installed(target)
+  except TargetError as e:
+    _fail(str(e))
+  prepare_environment(target)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Training configuration file (as train.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("target", None, f"TPU slice ({TPU_EXAMPLES}) or GPU node ({GPU_EXAMPLES}).")
+  flags.DEFINE_string("json", None, "Also write the report here as JSON.")
+  flags.DEFINE_list("programs", ["train", "eval", "infer"], "Which programs to compile.")
+  flags.DEFINE_integer("inference_batch", None, "Serving batch (global); default 8 per device.")
+  flags.DEFINE_integer("num_classes", None, "Classes, for a dataset this command does not know.")
+  try:
+    flags.FLAGS(argv)
+    config = flags.FLAGS.config
+    if config is None:
+      _fail("--config is required, e.g. --config=configs/pretrain_imagenet.py:B/16,imagenet2012.")
+  except (flags.Error, AttributeError, KeyError, SyntaxError, OSError, ValueError, TypeError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(lines[-1] if lines else repr(e))
+  bad = [p for p in flags.FLAGS.programs if p not in ("train", "eval", "infer")]
+  if bad:
+    _fail(f"--programs={','.join(bad)}: choose from train, eval, infer.")
+  try:
+    report = compile_for_target(config, target, programs=tuple(flags.FLAGS.programs),
+                                inference_batch=flags.FLAGS.inference_batch,
+                                num_classes=flags.FLAGS.num_classes)
+  except errors.VitClsError as e:
+    _fail(str(e))
+  print(format_report(report), flush=True)
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w") as f:
+      json.dump(report, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
