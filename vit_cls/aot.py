@@ -30,6 +30,7 @@ targets attention_kernel. Launchers rely on that contract (`scripts/launch_tpu.p
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import math
@@ -127,6 +128,11 @@ def prepare_environment(target: Target) -> None:
   """
   if "jax" not in sys.modules or not _backends_initialized():
     os.environ["JAX_PLATFORMS"] = "cpu"
+  # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; compile-only use
+  # drives none, and a second compile (a test, another engineer's check) would otherwise be refused
+  # with "Internal error when accessing libtpu multi-process lockfile". Left alone on a TPU VM.
+  if target.platform == "tpu" and not glob.glob("/dev/accel[0-9]*") and not glob.glob("/dev/vfio/[0-9]*"):
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _backends_initialized() -> bool:
@@ -540,33 +546,38 @@ def main(argv=None) -> int:
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()  # its own flags, so that launchers and tests may call main() repeatedly
   config_flags.DEFINE_config_file("config", None, "Training configuration file (as train.py).",
-                                  lock_config=True)
-  flags.DEFINE_string("target", None, f"TPU slice ({TPU_EXAMPLES}) or GPU node ({GPU_EXAMPLES}).")
-  flags.DEFINE_string("json", None, "Also write the report here as JSON.")
-  flags.DEFINE_list("programs", ["train", "eval", "infer"], "Which programs to compile.")
-  flags.DEFINE_integer("inference_batch", None, "Serving batch (global); default 8 per device.")
-  flags.DEFINE_integer("num_classes", None, "Classes, for a dataset this command does not know.")
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("target", None, f"TPU slice ({TPU_EXAMPLES}) or GPU node ({GPU_EXAMPLES}).",
+                      flag_values=fv)
+  flags.DEFINE_string("json", None, "Also write the report here as JSON.", flag_values=fv)
+  flags.DEFINE_list("programs", ["train", "eval", "infer"], "Which programs to compile.",
+                    flag_values=fv)
+  flags.DEFINE_integer("inference_batch", None, "Serving batch (global); default 8 per device.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_classes", None, "Classes, for a dataset this command does not know.",
+                       flag_values=fv)
   try:
-    flags.FLAGS(argv)
-    config = flags.FLAGS.config
+    fv(argv)
+    config = fv.config
     if config is None:
       _fail("--config is required, e.g. --config=configs/pretrain_imagenet.py:B/16,imagenet2012.")
   except (flags.Error, AttributeError, KeyError, SyntaxError, OSError, ValueError, TypeError) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     _fail(lines[-1] if lines else repr(e))
-  bad = [p for p in flags.FLAGS.programs if p not in ("train", "eval", "infer")]
+  bad = [p for p in fv.programs if p not in ("train", "eval", "infer")]
   if bad:
     _fail(f"--programs={','.join(bad)}: choose from train, eval, infer.")
   try:
-    report = compile_for_target(config, target, programs=tuple(flags.FLAGS.programs),
-                                inference_batch=flags.FLAGS.inference_batch,
-                                num_classes=flags.FLAGS.num_classes)
+    report = compile_for_target(config, target, programs=tuple(fv.programs),
+                                inference_batch=fv.inference_batch,
+                                num_classes=fv.num_classes)
   except errors.VitClsError as e:
     _fail(str(e))
   print(format_report(report), flush=True)
-  if flags.FLAGS.json:
-    with open(flags.FLAGS.json, "w") as f:
+  if fv.json:
+    with open(fv.json, "w") as f:
       json.dump(report, f, indent=1)
   return 0
 
