@@ -286,12 +286,12 @@ def _cost(compiled) -> dict:
 def usable_fraction(target: Target) -> float:
   """How much of a chip's memory a step may use before the run fails to allocate.
 
-  TPU: libtpu keeps a small reserve; 0.97 of the HBM is what v5e runs report usable (15.48 of 16 GiB
-  would be 0.9675). GPU: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (0.75 unless set)
+  TPU: libtpu's compiler refuses a program larger than the HBM it makes available, which for a v5e is
+  15.75 of 16 GiB ("exceeds available HBM (15.75G)"): 0.984 of the chip, used for every TPU. GPU: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (0.75 unless set)
   and a step must fit in that pool; launchers that set it higher get the larger share here too.
   """
   if target.platform == "tpu":
-    return 0.97
+    return 15.75 / 16
   return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
 
 
@@ -308,24 +308,6 @@ def _num_classes(config, override: int | None) -> int:
     raise errors.ConfigError(
         f"config.dataset={config.dataset!r}: its number of classes is not known here and the dataset is "
         f"not prepared: pass --num_classes=N.") from None
-
-
-def _check_batches(config, num_devices: int, inference_batch: int) -> None:
-  from vit_cls import input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.check_batch_divisibility(config.batch_size, num_devices, 1, "batch_size")
-  input_pipeline.check_batch_divisibility(config.get("eval_batch_size") or config.batch_size,
-                                          num_devices, 1, "eval_batch_size")
-  per_device = config.batch_size // num_devices
-  accum = config.get("accum_steps", 1)
-  if per_device % accum:
-    raise errors.ConfigError(f"config.accum_steps={accum} does not divide the per-device batch "
-                             f"{per_device} (batch_size={config.batch_size} over {num_devices} devices).")
-  if (per_device // accum) % config.get("batch_chunks", 1):
-    raise errors.ConfigError(f"config.batch_chunks={config.batch_chunks} does not divide the per-device "
-                             f"micro-batch {per_device // accum}.")
-  if inference_batch % num_devices:
-    raise errors.ConfigError(f"--inference_batch={inference_batch} must be a multiple of the "
-                             f"{num_devices} devices.")
 
 
 def _program_report(compiled, seconds: float, target: Target, num_devices: int, analytic_flops: float,
@@ -371,6 +353,32 @@ def _program_report(compiled, seconds: float, target: Target, num_devices: int, 
   }
 
 
+_SIZE = re.compile(r"([\d.]+)([KMGT]?)(?:i?B)?\b")
+
+
+def _parse_size(text: str) -> int:
+  number, unit = _SIZE.fullmatch(text.strip()).groups()
+  return int(float(number) * 1024 ** " KMGT".index(unit or " "))
+
+
+def _out_of_memory_report(message: str, seconds: float, target: Target, args, analytic_flops: float) -> dict:
+  """What a program the compiler refused for lack of memory needs: its inputs (their shards' bytes)
+  plus the temporaries the compiler's message names. No FLOPs: nothing was compiled."""
+  from vit_cls import sharding  # pylint: disable=g-import-not-at-top
+  m = re.search(r"required for HLO temporaries \(([^)]+)\) exceeds available HBM \(([^)]+)\)", message)
+  temp = _parse_size(m.group(1)) if m else 0
+  inputs = sharding.bytes_per_device(args)
+  per_chip = target.chip.devices_per_chip
+  return {
+      "compiled": False, "error": " ".join(message.split())[:500], "compile_seconds": round(seconds, 2),
+      "per_chip_bytes": (inputs + temp) * per_chip, "argument_bytes": inputs * per_chip,
+      "output_bytes": 0, "alias_bytes": 0, "temp_bytes": temp * per_chip,
+      "available_bytes": (_parse_size(m.group(2)) * per_chip) if m else None,
+      "flops_per_chip": None, "analytic_flops_per_chip": analytic_flops / target.num_chips,
+      "flops_ratio": None, "collectives": {}, "roofline": None, "attention": None,
+  }
+
+
 def compile_for_target(config, target: Target | str, *, programs=("train", "eval", "infer"),
                        inference_batch: int | None = None, num_classes: int | None = None) -> dict:
   """Compiles the requested programs of `config` for `target`; returns the report (see the module
@@ -383,12 +391,15 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from vit_cls import optim, sharding, speed, train  # pylint: disable=g-import-not-at-top
 
-  train.validate_config(config)  # the fields; the batch against the target's devices below
   devices = target_devices(target)
   target = dataclasses.replace(target, hosts=len({d.process_index for d in devices}))
   n = len(devices)
+  # As train.py checks it, against the target's devices and hosts instead of this process's.
+  train.validate_config(config, num_devices=n, num_processes=target.hosts)
   inference_batch = inference_batch or 8 * n
-  _check_batches(config, n, inference_batch)
+  if inference_batch % n:
+    raise errors.ConfigError(f"--inference_batch={inference_batch} must be a multiple of the {n} "
+                             f"devices of {target.name}.")
   classes = _num_classes(config, num_classes)
   mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
   model = train.create_model(config, classes)
@@ -400,12 +411,20 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
   options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else None
   platform = "gpu" if target.platform == "cuda" else "tpu"
 
-  def compile_(fn, *args):
+  def compile_(name, fn, args, analytic, images):
+    """Compiles one program into report[name]. A program too large for the chip is a report too:
+    libtpu refuses to compile it (RESOURCE_EXHAUSTED, with the bytes it needed), which is the answer."""
     with speed.compiling_for(platform):
       lowered = fn.lower(*args)
     t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
-    return compiled, time.perf_counter() - t0
+    try:
+      compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      report[name] = _out_of_memory_report(str(e), time.perf_counter() - t0, target, args, analytic)
+      return
+    report[name] = _program_report(compiled, time.perf_counter() - t0, target, n, analytic, images)
 
   with speed.compiling_for(platform):
     _, abstract = train.abstract_train_state(model, tx, config, mesh)
@@ -429,14 +448,13 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
               "figures, not a measured speed",
   }
   if "train" in programs:
-    compiled, seconds = compile_(step_fn, abstract, train.abstract_batch(config, mesh))
-    report["train"] = _program_report(compiled, seconds, target, n, 3 * forward * config.batch_size,
-                                      config.batch_size)
+    compile_("train", step_fn, (abstract, train.abstract_batch(config, mesh)),
+             3 * forward * config.batch_size, config.batch_size)
   if "eval" in programs:
     eval_batch = config.get("eval_batch_size") or config.batch_size
-    compiled, seconds = compile_(eval_fn, abstract.params,
-                                 train.abstract_batch(config, mesh, eval_batch, eval_batch=True))
-    report["eval"] = _program_report(compiled, seconds, target, n, forward * eval_batch, eval_batch)
+    compile_("eval", eval_fn,
+             (abstract.params, train.abstract_batch(config, mesh, eval_batch, eval_batch=True)),
+             forward * eval_batch, eval_batch)
   if "infer" in programs:
     batch_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
     serve = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
@@ -444,16 +462,15 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
                     out_shardings=batch_sh)
     images = jax.ShapeDtypeStruct((inference_batch, config.image_size, config.image_size, 3),
                                   np.float32, sharding=batch_sh)
-    compiled, seconds = compile_(serve, abstract.params, images)
-    report["infer"] = _program_report(compiled, seconds, target, n, forward * inference_batch,
-                                      inference_batch)
+    compile_("infer", serve, (abstract.params, images), forward * inference_batch, inference_batch)
     report["inference_batch"] = inference_batch
   first = report.get("train") or report.get("eval") or report.get("infer")
   usable = target.chip.memory_bytes * report["usable_fraction"]
   worst = max(report[p]["per_chip_bytes"] for p in ("train", "eval", "infer") if p in report)
   report.update({
       "per_chip_bytes": first["per_chip_bytes"],
-      "fits": bool(worst <= usable),
+      "fits": bool(worst <= usable) and all(report[p].get("compiled", True)
+                                            for p in ("train", "eval", "infer") if p in report),
       "headroom_bytes": int(usable - worst),
       "flops_per_chip": first["flops_per_chip"],
       "analytic_flops_per_chip": first["analytic_flops_per_chip"],
@@ -493,6 +510,11 @@ def format_report(r: dict) -> str:
     if not p:
       continue
     rf = p["roofline"]
+    if rf is None:  # the compiler refused it for lack of memory
+      lines.append(f"  {name}: needs {_gib(p['per_chip_bytes'])} = inputs {_gib(p['argument_bytes'])} + "
+                   f"temporaries {_gib(p['temp_bytes'])}: the compiler refused it "
+                   f"({p['error'][:160]})")
+      continue
     coll = ", ".join(f"{k} x{v['count']} ({_gib(v['bytes_moved'])} sent)"
                      for k, v in sorted(p["collectives"].items())) or "none"
     title = {"train": "train step", "eval": "eval step",
@@ -548,7 +570,7 @@ def main(argv=None) -> int:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()  # its own flags, so that launchers and tests may call main() repeatedly
   config_flags.DEFINE_config_file("config", None, "Training configuration file (as train.py).",
-                                  flag_values=fv, lock_config=True)
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("target", None, f"TPU slice ({TPU_EXAMPLES}) or GPU node ({GPU_EXAMPLES}).",
                       flag_values=fv)
   flags.DEFINE_string("json", None, "Also write the report here as JSON.", flag_values=fv)

@@ -490,8 +490,12 @@ def restore_latest(mngr, abstract_state: TrainState, config, log) -> TrainState 
 # Checks that fail before anything is compiled.
 
 
-def validate_config(config) -> None:
-  """One-line errors naming the field, the value and what is allowed, before any compile or data read."""
+def validate_config(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
+  """One-line errors naming the field, the value and what is allowed, before any compile or data read.
+
+  The batch is checked against this job's devices and processes, or the given counts (`vit_cls.aot`
+  checks a config for a slice it is not running on).
+  """
   def bad(field, allowed):
     value = config.get(field) if "." not in field else None
     raise errors.ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
@@ -534,7 +538,8 @@ def validate_config(config) -> None:
   except (ValueError, TypeError) as e:
     # VisionTransformer names its own field; the user writes config.model.<field>.
     raise errors.ConfigError(str(e).replace("VisionTransformer.", "config.model.")) from None
-  n_dev, n_proc = jax.device_count(), jax.process_count()
+  n_dev = jax.device_count() if num_devices is None else num_devices
+  n_proc = jax.process_count() if num_processes is None else num_processes
   input_pipeline.check_batch_divisibility(config.batch_size, n_dev, n_proc, "batch_size")
   input_pipeline.check_batch_divisibility(config.get("eval_batch_size") or config.batch_size, n_dev,
                                           n_proc, "eval_batch_size")
