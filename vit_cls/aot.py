@@ -126,8 +126,15 @@ def prepare_environment(target: Target) -> None:
   that backend the CPU keeps libtpu from probing for a TPU (seconds, and warnings) and the CUDA plugin
   from calling cuInit on a machine without a driver (its version check fails there otherwise).
   """
-  if "jax" not in sys.modules or not _backends_initialized():
+  if "jax" not in sys.modules:
     os.environ["JAX_PLATFORMS"] = "cpu"
+  elif not _backends_initialized():  # imported, not started: its config read the variable already
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", "cpu")
+  if target.platform == "cuda":
+    # Read when the plugin registers (at the first backend start): with a backend already started
+    # on another platform list, the check would still call cuInit, which fails without a driver.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; compile-only use
   # drives none, and a second compile (a test, another engineer's check) would otherwise be refused
   # with "Internal error when accessing libtpu multi-process lockfile". Left alone on a TPU VM.
