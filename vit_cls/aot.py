@@ -404,9 +404,14 @@ def _out_of_memory_report(message: str, seconds: float, target: Target, args, an
 
 
 def compile_for_target(config, target: Target | str, *, programs=("train", "eval", "infer"),
-                       inference_batch: int | None = None, num_classes: int | None = None) -> dict:
+                       inference_batch: int | None = None, num_classes: int | None = None,
+                       model=None) -> dict:
   """Compiles the requested programs of `config` for `target`; returns the report (see the module
-  docstring for the keys). Raises TargetError / errors.ConfigError with one-line messages."""
+  docstring for the keys). Raises TargetError / errors.ConfigError with one-line messages.
+
+  `model`: a Flax module to put in the step in place of the config's (same `apply(variables, images,
+  train=...)` signature): benchmarks/aot_reference.py compiles the original vit_jax model's step
+  with everything else of train.py unchanged, to compare the two on the same target."""
   target = parse_target(target) if isinstance(target, str) else target
   check_installed(target)
   prepare_environment(target)
@@ -426,7 +431,7 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
                              f"devices of {target.name}.")
   classes = _num_classes(config, num_classes)
   mesh = Mesh(np.asarray(devices), (sharding.DATA_AXIS,))
-  model = train.create_model(config, classes)
+  model = model if model is not None else train.create_model(config, classes)
   tx, schedule = optim.create_optimizer(config)
   kwargs = train.model_kwargs(config, classes)
   forward = analytic_forward_flops(kwargs, config.image_size)
