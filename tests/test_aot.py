@@ -82,6 +82,18 @@ def test_bad_target_on_the_command_line_is_one_line(capsys):
   assert err.startswith("error: --target='v5e:3'") and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/default.py", "--config.bogus=1"], "error: --config.bogus: the config has no field"),
+    (["--config=configs/missing.py"], "error: --config: cannot load the config file"),
+])
+def test_bad_config_is_one_line(monkeypatch, capsys, args, expected):
+  monkeypatch.setattr(aot, "check_installed", lambda target: None)  # fails before any compile
+  with pytest.raises(SystemExit):
+    aot.main(["aot", "--target=v5e:2x2"] + args)
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(expected) and len(err.splitlines()) == 1, err
+
+
 def test_collectives_are_read_from_hlo_text():
   text = "\n".join([
       "  %all-reduce.1 = f32[1024]{0} all-reduce(f32[1024]{0} %p), replica_groups=[1,4]<=[4], "

@@ -577,6 +577,25 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
+def _flag_error(e: BaseException, argv) -> str:
+  """absl / ml_collections errors as one line: an override of a field the config lacks names it; a
+  config file that cannot be loaded gives its last line (the cause), not the wrapped traceback."""
+  if isinstance(e, (AttributeError, KeyError)):
+    fields = re.findall(r"'(\w+)'", str(e))
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.") and fields
+             and a.split("=")[0].split(".")[-1] == fields[0]]
+    if given:
+      return f"{given[0]}: the config has no field '{fields[0]}'; configs/default.py lists the fields."
+  causes, seen = [], e
+  while seen is not None:
+    causes.append(seen)
+    seen = seen.__cause__
+  lines = [l.strip() for c in reversed(causes) for l in str(c).splitlines() if l.strip()]
+  if isinstance(e, OSError) and lines:  # "Attempted [Relative path]: ... [Errno 2] No such file ..."
+    return f"--config: cannot load the config file: {lines[-1]}"
+  return f"--config: {lines[0]}" if lines else repr(e)
+
+
 def main(argv=None) -> int:
   """`python -m vit_cls.aot --config=... --target=... [--config.FIELD=...] [--json=PATH]`."""
   argv = list(sys.argv if argv is None else argv)
@@ -617,9 +636,9 @@ def main(argv=None) -> int:
     config = fv.config
     if config is None:
       _fail("--config is required, e.g. --config=configs/pretrain_imagenet.py:B/16,imagenet2012.")
-  except (flags.Error, AttributeError, KeyError, SyntaxError, OSError, ValueError, TypeError) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    _fail(lines[-1] if lines else repr(e))
+    config.keys  # pylint: disable=pointless-statement  (a config file that failed to load raises here)
+  except Exception as e:  # pylint: disable=broad-except  (every way a command line can be wrong: one line)
+    _fail(_flag_error(e, argv))
   bad = [p for p in fv.programs if p not in ("train", "eval", "infer")]
   if bad:
     _fail(f"--programs={','.join(bad)}: choose from train, eval, infer.")
