@@ -29,13 +29,14 @@ def main(argv):
   config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
   flags.DEFINE_string("target", None, "TPU slice or GPU node, as vit_cls.aot.")
   flags.DEFINE_string("json", None, "Write both reports here.")
+  flags.DEFINE_list("models", ["vit_cls", "reference"], "Which models to compile.")
   flags.FLAGS(argv)
   import reference_vit_jax  # pylint: disable=g-import-not-at-top
   from vit_cls import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   classes = aot.KNOWN_NUM_CLASSES.get(config.dataset, 1000)
   reports = {}
-  for name in ("vit_cls", "reference"):
+  for name in flags.FLAGS.models:
     model = None if name == "vit_cls" else reference_vit_jax.from_vit_cls(
         train.create_model(config, classes))
     r = aot.compile_for_target(config, target, programs=("train",), num_classes=classes, model=model)
