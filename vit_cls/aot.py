@@ -310,8 +310,9 @@ def usable_fraction(target: Target) -> float:
   """How much of a chip's memory a step may use before the run fails to allocate.
 
   TPU: libtpu's compiler refuses a program larger than the HBM it makes available, which for a v5e is
-  15.75 of 16 GiB ("exceeds available HBM (15.75G)"): 0.984 of the chip, used for every TPU. GPU: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (0.75 unless set)
-  and a step must fit in that pool; launchers that set it higher get the larger share here too.
+  15.75 of 16 GiB ("exceeds available HBM (15.75G)"): 0.984 of the chip, used for every TPU. GPU: JAX
+  preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (0.75 unless set) and a step must fit in
+  that pool; launchers that set it higher get the larger share here too.
   """
   if target.platform == "tpu":
     return 15.75 / 16
