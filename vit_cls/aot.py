@@ -282,9 +282,9 @@ def _cost(compiled, lowered, num_devices: int) -> tuple[dict, str]:
   "compiled": the compiled program's, where the backend gives one (libtpu does). XLA's GPU compiler,
   compiling without a device, gives none; then "lowered": XLA's HLO cost analysis of the program as
   lowered (the global program before SPMD partitioning and optimisation, divided by the device count).
-  It counts every matmul of the function but no recomputation the compiler adds, 0 for custom calls
-  (cuDNN attention: about 4% of a B/16 step's FLOPs), and its bytes are unfused, so the roofline uses
-  its FLOPs only."""
+  It counts every matmul of the function, remat's recomputation included (JAX writes it into the
+  program), 0 for custom calls (cuDNN attention: about 4% of a B/16 step's FLOPs); its bytes are
+  unfused, so the roofline uses its FLOPs only."""
   try:
     ca = compiled.cost_analysis()
     ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else ca
