@@ -286,35 +286,7 @@ def _dry_run(script, *args, expect_rc=0):
   return out
 
 
-def test_tpu_launcher_dry_run_prints_every_command_and_runs_none(tmp_path):
-  name = f"vit-test-{os.getpid()}"
-  out = _dry_run("launch_tpu.py", f"--name={name}", "--zone=us-central2-b", "--accelerator=v4-32",
-                 "--bucket=my-bucket", "--spot", "--project=my-project", "--dry-run", "--",
-                 "--config=configs/pretrain_imagenet.py:L/16,imagenet2012",
-                 "--config.data_dir=gs://my-bucket/tfds", "--config.fsdp=True").stdout
-  commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
-  gcloud = [c for c in commands if c[0] == "gcloud"]
-  verbs = [c[4] for c in gcloud]
-  assert verbs == ["describe", "delete", "create", "scp", "ssh", "ssh", "describe", "delete"]
-  assert all("--zone=us-central2-b" in c and "--project=my-project" in c for c in gcloud)
-  create = gcloud[2]
-  assert create[5] == name and "--accelerator-type=v4-32" in create and "--spot" in create
-  assert "--worker=all" in gcloud[3] and "--worker=all" in gcloud[4] and "--worker=all" in gcloud[5]
-  install = next(a for a in gcloud[4] if a.startswith("--command="))
-  pin = re.search(r"^jax==(\S+)", open(os.path.join(REPO, "requirements.txt")).read(), re.M).group(1)
-  assert f"'jax[tpu]=={pin}'" in install and "gcsfuse" not in install  # the bucket is used natively
-  train_cmd = next(a for a in gcloud[5] if a.startswith("--command="))[len("--command="):]
-  assert train_cmd.startswith("cd ~/vit_cls && ~/vit_cls_venv/bin/python ")
-  assert shlex.split(train_cmd.split(" && ", 1)[1])[1:] == [
-      "train.py", f"--workdir=gs://my-bucket/vit_cls/{name}",
-      "--config=configs/pretrain_imagenet.py:L/16,imagenet2012",
-      "--config.data_dir=gs://my-bucket/tfds", "--config.fsdp=True"]
-  assert commands[0][:3] == ["tar", "-czf", f"/tmp/vit_cls-{name}.tgz"]
-  assert not os.path.exists(f"/tmp/vit_cls-{name}.tgz")  # printed, not run
-  # Without shared storage a multi-host or Spot run would lose or split its checkpoints: refused.
-  err = _dry_run("launch_tpu.py", "--name=x", "--zone=z", "--accelerator=v4-8", "--dry-run", "--",
-                 "--config=configs/default.py", expect_rc=2).stderr
-  assert "give --bucket" in err
+# The TPU launcher's tests, with a fake gcloud: tests/test_launch_tpu.py.
 
 
 def test_gpu_launcher_dry_run_prints_one_process_per_host():
