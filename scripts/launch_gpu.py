@@ -15,17 +15,38 @@ Needs: passwordless ssh to every host (`localhost`/`127.0.0.1` runs locally, no 
 --repo_dir on every host with its requirements installed, and a --workdir every host sees at the same
 path (NFS, Lustre, a gcsfuse mount): orbax writes one checkpoint from all processes into it.
 
-Stopping and preemption: on SIGTERM or Ctrl-C the launcher sends SIGTERM to every remote train.py (by
-the process id each one reports first); JAX's preemption sync then has all processes save the same step
-and exit, and running the same command again resumes from it. A cluster scheduler that signals the
-processes itself (Slurm) needs no launcher: see docs/training.md (Several GPUs).
+The coordinator must be an address every host reaches: `--hosts=localhost,gpu-1` would send gpu-1 to
+its own loopback. When the first host is a loopback name (localhost, 127.x, or this machine's name where
+it resolves to 127.0.1.1 as on Debian), the launcher uses this machine's address on the route to the
+second host, and refuses when it finds none (give --coordinator then); a loopback --coordinator in a
+multi-host job is refused.
+
+Stopping and preemption: every child (the local train.py, the ssh clients) runs in its own process
+group, so a Ctrl-C in the terminal reaches the launcher only, not train.py as SIGINT, and the ssh
+clients stay up; the launcher then sends SIGTERM to every train.py (by the process id each one reports
+first), local or remote, and does the same on its own SIGTERM. JAX's preemption sync then has all
+processes save the same step and exit, and running the same command again resumes from it. A cluster
+scheduler that signals the processes itself (Slurm) needs no launcher: see docs/training.md (Several GPUs).
+
+On GKE (or any scheduler that starts the pods itself) there is no launcher either: give each pod the
+three variables train.py reads in place of the flags. With an Indexed Job (or a JobSet) of N pods behind
+a headless Service:
+  JAX_COORDINATOR_ADDRESS = <pod 0's DNS name>:12355, e.g. myjob-0.myjob-svc:12355 (JobSet:
+                            $(JOBSET_NAME)-$(REPLICATED_JOB_NAME)-0-0.<subdomain>:12355)
+  JAX_NUM_PROCESSES       = N (the Job's completions/parallelism)
+  JAX_PROCESS_ID          = the pod's completion index: env valueFrom fieldRef
+                            metadata.annotations['batch.kubernetes.io/job-completion-index']
+GKE sends SIGTERM to every container before stopping a pod (terminationGracePeriodSeconds): set it long
+enough for a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,12 +84,58 @@ def parse(argv):
   for e in args.env:
     if "=" not in e:
       p.error(f"--env {e!r}: expected NAME=VALUE")
+  try:
+    args.coordinator = coordinator_host(args.hosts, args.coordinator)
+  except ValueError as e:
+    p.error(str(e))
   return args, train_args
+
+
+def is_loopback(host: str) -> bool:
+  """localhost, 127.x, ::1, or a name that resolves to one (Debian maps its own name to 127.0.1.1)."""
+  if host in LOCAL or host == "::1":
+    return True
+  try:
+    return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+  except (OSError, ValueError):
+    return False  # a name this machine cannot resolve: the other hosts may; not ours to refuse
+
+
+def route_address(peer: str) -> str | None:
+  """This machine's address on the route to `peer` (a UDP connect sends nothing), or None."""
+  try:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+      s.connect((peer, 9))
+      return s.getsockname()[0]
+  except OSError:
+    return None
+
+
+def coordinator_host(hosts: list[str], coordinator: str | None) -> str:
+  """The address the other processes reach process 0 at: never a loopback one in a multi-host job."""
+  if len(hosts) == 1:
+    return coordinator or hosts[0]
+  if coordinator:
+    if is_loopback(coordinator):
+      raise ValueError(f"--coordinator={coordinator} is a loopback address: the other hosts would "
+                       f"reach themselves; give an address of {hosts[0]} they can reach")
+    return coordinator
+  first = hosts[0]
+  if not is_loopback(first):
+    return first
+  address = route_address(hosts[1])
+  if address and not ipaddress.ip_address(address).is_loopback:
+    print(f"launch_gpu: the first host, {first}, is a loopback name: the others reach the "
+          f"coordinator at {address} (this machine's address towards {hosts[1]})", file=sys.stderr)
+    return address
+  raise ValueError(f"the first host, {first}, is a loopback name and this machine has no address "
+                   f"on a route to {hosts[1]}: give --coordinator=ADDRESS (this host's address that "
+                   f"the others reach), or list this host by such a name")
 
 
 def commands(args, train_args) -> list[list[str]]:
   """One argv per host: ssh (or a local shell) running train.py as process i of len(hosts)."""
-  coordinator = f"{args.coordinator or args.hosts[0]}:{args.port}"
+  coordinator = f"{args.coordinator}:{args.port}"
   out = []
   for i, host in enumerate(args.hosts):
     train = [*(["env", *args.env] if args.env else []), args.python, "train.py",
@@ -100,8 +167,11 @@ def main(argv=None) -> int:
           f" (1234: the pid the host printed as '{PID_PREFIX}...')")
     return 0
 
+  # Each child in a session (and process group) of its own: the terminal's Ctrl-C reaches the launcher
+  # alone. Otherwise the local train.py would get SIGINT (not the SIGTERM its checkpoint-and-stop path
+  # listens for) and the ssh clients would die before the SIGTERM below is forwarded through them.
   procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1) for c in cmds]
+                            bufsize=1, start_new_session=True) for c in cmds]
   pids: dict[int, int] = {}
 
   def pump(i, proc):
