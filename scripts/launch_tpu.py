@@ -97,6 +97,10 @@ class LaunchError(Exception):
   """A reason to stop, said in one line; the slice is deleted on the way out (unless --keep)."""
 
 
+class NodeGone(Exception):
+  """The node went away (preempted, terminated) while the launcher was using it: queue it again."""
+
+
 class Interrupted(Exception):
   """Ctrl-C, SIGTERM or SIGHUP to the launcher: stop training (it checkpoints) and delete the slice."""
 
@@ -243,7 +247,8 @@ class Commands:
 
   def ssh(self, worker, command, keepalive=True):
     return self._vm("ssh", self.args.name, f"--worker={worker}",
-                    *(SSH_KEEPALIVE if keepalive else []), *(["--command=" + command] if command else []))
+                    *(SSH_KEEPALIVE if keepalive else []),
+                    *(["--command=" + command] if command else []))
 
   @property
   def tarball(self):
@@ -324,23 +329,22 @@ class Commands:
   def start(self):
     """train.py detached on every worker, so that it outlives the ssh session that started it.
 
-    setsid+nohup: no hang-up reaches it when the connection drops. The wrapper shell records train.py's
-    pid, its process group, its exit code and whether a SIGTERM came (a preemption, a maintenance event with
-    autocheckpoint, the launcher's stop): train.py exits 0 after saving on SIGTERM, so only an exit 0
-    without one means the run is finished. The log is appended to, so a resumed run continues it.
+    setsid+nohup: no hang-up reaches it when the connection drops. The wrapper shell records its pid
+    (= the process group), train.py's exit code, and whether a SIGTERM came (a preemption, a maintenance
+    event with autocheckpoint, the launcher's stop): train.py exits 0 after saving on SIGTERM, so only
+    an exit 0 without one means the run is finished. The log is appended to: a resumed run continues it.
     """
-    train = f"cd {REMOTE_DIR} && exec {VENV}/bin/python " + shlex.join(
+    train = f"cd {REMOTE_DIR} && {VENV}/bin/python " + shlex.join(
         ["train.py", f"--workdir={self.args.workdir}", *self.train_args])
-    wrapper = (f"echo $$ > {RUN_DIR}/pgid; trap \"touch $HOME/vit_cls_run/sigterm\" TERM; ({train}) >> {RUN_DIR}/worker-$W.log 2>&1 & "
-               f"p=$!; echo $p > {RUN_DIR}/pid; wait $p; rc=$?; "
-               f"while kill -0 $p 2>/dev/null; do wait $p; rc=$?; done; "
-               # A wait cut short by the trap says 143; waiting again gives train.py's own status.
-               f"if [ -f {RUN_DIR}/sigterm ]; then wait $p; r=$?; [ $r = 127 ] || rc=$r; fi; "
-               f"echo $rc > {RUN_DIR}/exit_code")
+    # The wrapper leads the process group (setsid) and waits for train.py in the foreground: a SIGTERM
+    # to the group reaches train.py, and the wrapper's trap runs only once train.py has exited, keeping
+    # train.py's exit status in $? (bash restores it after a trap).
+    wrapper = (f"echo $$ > {RUN_DIR}/pid; trap \"touch $HOME/vit_cls_run/sigterm\" TERM; "
+               f"{train} >> {RUN_DIR}/worker-$W.log 2>&1; echo $? > {RUN_DIR}/exit_code")
     worker = ("$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/"
               "v1/instance/attributes/agent-worker-number || hostname)")
     return self.ssh("all", f": vit_cls-start; mkdir -p {RUN_DIR} && cd {RUN_DIR} && "
-                           f"rm -f pid pgid exit_code sigterm && W={worker} && echo $W > worker || exit 1; "
+                           f"rm -f pid exit_code sigterm && W={worker} && echo $W > worker || exit 1; "
                            f"W=$W nohup setsid bash -c {shlex.quote(wrapper)} >/dev/null 2>&1 "
                            f"</dev/null & for i in $(seq 100); do [ -f {RUN_DIR}/pid ] && break; "
                            f"sleep 0.1; done")
@@ -351,7 +355,8 @@ class Commands:
     if wd.startswith("gs://"):
       copy = f"gcloud storage cp {RUN_DIR}/worker-*.log {shlex.quote(wd + '/logs/')}"
     else:
-      copy = f"mkdir -p {shlex.quote(wd + '/logs')} && cp {RUN_DIR}/worker-*.log {shlex.quote(wd + '/logs/')}"
+      logs = shlex.quote(wd + "/logs")
+      copy = f"mkdir -p {logs} && cp {RUN_DIR}/worker-*.log {logs}/"
     return self.ssh("all", f": {STATUS}; cd {RUN_DIR} 2>/dev/null || exit 0; ({copy}) >/dev/null 2>&1; "
                            f"W=$(cat worker); if [ -f exit_code ]; then if [ -f sigterm ]; then "
                            f"echo {STATUS} $W term $(cat exit_code); else echo {STATUS} $W exit "
@@ -361,7 +366,7 @@ class Commands:
   def stop(self):
     # To the whole process group (the wrapper and train.py), as a VM shutdown does: the wrapper then
     # records the SIGTERM, and train.py checkpoints.
-    return self.ssh("all", f": vit_cls-stop; kill -TERM -- -$(cat {RUN_DIR}/pgid) 2>/dev/null; true")
+    return self.ssh("all", f": vit_cls-stop; kill -TERM -- -$(cat {RUN_DIR}/pid) 2>/dev/null; true")
 
   def logs(self, worker):
     return self.ssh(worker, f"tail -n 200 -F {RUN_DIR}/worker-*.log")
@@ -491,7 +496,8 @@ class Launcher:
   def workers(self):
     """running / finished / failed / stopped (no train.py, or it ended on a SIGTERM), or None."""
     out = self._run(self.c.poll(), check=False, capture=True)
-    lines = [l.split() for l in out.stdout.splitlines() if l.startswith(STATUS)]
+    # From the marker on: gcloud may prefix a worker's lines with its name when --worker=all.
+    lines = [l[l.index(STATUS):].split() for l in out.stdout.splitlines() if STATUS in l]
     if out.returncode != 0 or not lines:
       return None
     kinds = [l[2] if len(l) > 2 else "stopped" for l in lines]
@@ -505,10 +511,21 @@ class Launcher:
       return "finished"
     return "stopped"
 
-  def start(self):
-    self._run(self.c.copy())
-    self._run(self.c.install())
-    self._run(self.c.start())
+  def start(self, retry=True):
+    """Copy, install, start; a failure because the node went away raises NodeGone (re-queue)."""
+    try:
+      self._run(self.c.copy())
+      self._run(self.c.install())
+      self._run(self.c.start())
+    except LaunchError:
+      # A preemption or maintenance event in the middle of the install shows as an ssh failure.
+      state = self.wait_node()
+      if state != "READY":
+        raise NodeGone(state) from None
+      if not retry:
+        raise
+      self.say("the TPU is READY: trying the install and start once more")
+      return self.start(retry=False)
     self.training = True
     self.say(f"training started on every worker; logs: {self.args.workdir}/logs/, or `--logs`")
 
@@ -552,8 +569,12 @@ class Launcher:
       if self.wait_node() != "READY":
         self.requeue("the TPU went away before training started")
         continue
-      self.start()
-      outcome = self.watch()
+      try:
+        self.start()
+        outcome = self.watch()
+      except NodeGone as e:
+        outcome = "gone"
+        self.say(f"the TPU is {e}")
       if outcome == "finished":
         self.say("training finished")
         return 0
@@ -601,7 +622,8 @@ def fit_check(args, c: Commands) -> str | None:
     if not os.path.exists(os.path.join(REPO, "vit_cls", "aot.py")):
       return f"the fit check needs vit_cls.aot, which this checkout lacks {skip}"
     if importlib.util.find_spec("libtpu") is None:
-      return f"the fit check compiles for TPU and needs libtpu here: pip install -r requirements-tpu.txt {skip}"
+      return (f"the fit check compiles for TPU and needs libtpu here: pip install -r "
+              f"requirements-tpu.txt {skip}")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "fit.json")
     cmd = c.fit_check(path)
@@ -613,9 +635,13 @@ def fit_check(args, c: Commands) -> str | None:
     with open(path) as f:
       fit = json.load(f)
   gib = 2 ** 30
-  numbers = (f"{fit['per_chip_bytes'] / gib:.1f} GiB per chip of {fit['chip_memory_bytes'] / gib:.1f} "
-             f"GiB on {fit.get('target', target)}")
-  if not fit["fits"]:
+  try:
+    numbers = (f"{fit['per_chip_bytes'] / gib:.1f} GiB per chip of "
+               f"{fit['chip_memory_bytes'] / gib:.1f} GiB on {fit.get('target', target)}")
+    fits = bool(fit["fits"])
+  except (KeyError, TypeError) as e:
+    return f"the fit check's JSON lacks {e} (fits, per_chip_bytes, chip_memory_bytes) {skip}"
+  if not fits:
     return (f"does not fit: {numbers}; try --config.fsdp=True, --config.model.remat_policy=block, "
             f"--config.accum_steps or a larger slice {skip}")
   print(f"launch_tpu: fits: {numbers}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""scripts/launch_gpu.py: the coordinator every host can reach, and signals that reach train.py as SIGTERM."""
+"""scripts/launch_gpu.py: a coordinator every host can reach; signals reach train.py as SIGTERM."""
 
 from __future__ import annotations
 

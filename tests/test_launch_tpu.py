@@ -1,4 +1,4 @@
-"""scripts/launch_tpu.py without a cloud: a fake `gcloud` on PATH plays scripted states and records calls.
+"""scripts/launch_tpu.py without a cloud: a fake `gcloud` on PATH plays scripted states, records calls.
 
 The fake answers each kind of call from its own list in a scenario (queued-resource states, node states,
 the workers' status lines), one entry per call, the last one repeating; every call is appended to
@@ -38,6 +38,8 @@ FAKE_GCLOUD = textwrap.dedent("""\
       kind = "node"
     elif "vit_cls-status" in command:
       kind = "status"
+    elif "pip install" in command:
+      kind = "install"
     else:
       kind = None
     if kind is None or kind not in scenario:
@@ -48,6 +50,8 @@ FAKE_GCLOUD = textwrap.dedent("""\
     counters[kind] = i + 1
     json.dump(counters, open(counters_path, "w"))
     answer = scenario[kind][min(i, len(scenario[kind]) - 1)]
+    if kind == "install":
+      sys.exit(answer)
     if kind == "create":
       if answer:
         sys.stderr.write("ERROR: " + answer + "\\n")
@@ -178,6 +182,17 @@ def test_preemption_requeues_the_slice_and_trains_again(cloud):
   assert "preempted" in out.stderr and "restart 1/20" in out.stderr
 
 
+def test_preemption_during_the_install_requeues(cloud):
+  out = cloud.run({"queue": ["NOT_FOUND", "ACTIVE", "NOT_FOUND", "ACTIVE"],
+                   "node": ["READY", "PREEMPTED", "READY"], "install": [255, 0],
+                   "status": ["0 exit 0"]}, "--skip_fit_check")
+  assert out.returncode == 0, out.stderr
+  steps = _collapse(cloud.steps())
+  assert steps == ["queue", "create", "queue", "node", "copy", "install", "node", "delete", "queue",
+                   "create", "queue", "node", *START, "node", "status", "delete"], steps
+  assert "the TPU is PREEMPTED" in out.stderr
+
+
 def test_maintenance_event_waits_and_resumes_training(cloud):
   out = cloud.run({"queue": ["NOT_FOUND", "ACTIVE"],
                    "node": ["READY", "READY", "REPAIRING", "REPAIRING", "READY"],
@@ -254,7 +269,8 @@ def test_fit_check_refuses_with_the_numbers_before_creating_anything(cloud, monk
   out = subprocess.run(cloud.args(accelerator="v5litepod-8") + ["--config.batch_size=4096"],
                        capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PATH": f"{cloud.dir}/bin:{os.environ['PATH']}",
-                            "FAKE_GCLOUD_DIR": str(cloud.dir), "VIT_CLS_AOT": f"{cloud.dir}/bin/fake_aot"})
+                            "FAKE_GCLOUD_DIR": str(cloud.dir),
+                            "VIT_CLS_AOT": f"{cloud.dir}/bin/fake_aot"})
   assert out.returncode == 2
   assert "does not fit: 20.0 GiB per chip of 16.0 GiB on v5e:2x4" in out.stderr
   assert "--skip_fit_check" in out.stderr
@@ -363,8 +379,8 @@ def test_dry_run_details_version_override_credentials_and_the_train_command():
   assert "Python on the VM: $PY" in install and "python3.11" in install
   start = next(a for a in ssh[1] if a.startswith("--command="))
   assert "nohup setsid bash -c" in start
-  train = start[start.index("exec ~/vit_cls_venv/bin/python"):].split(")", 1)[0]
-  assert shlex.split(train)[2:] == [
+  train = start[start.index("~/vit_cls_venv/bin/python train.py"):].split(" >> ", 1)[0]
+  assert shlex.split(train)[1:] == [
       "train.py", f"--workdir=gs://my-bucket/vit_cls/{name}",
       "--config=configs/pretrain_imagenet.py:L/16,imagenet2012",
       "--config.data_dir=gs://my-bucket/tfds", "--config.fsdp=True"]
