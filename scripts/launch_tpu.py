@@ -570,7 +570,12 @@ class Launcher:
         self.requeue("the TPU went away before training started")
         continue
       try:
-        self.start()
+        if self.workers() == "running":
+          # A launcher that died (a closed laptop) left train.py running: watch it, do not start another.
+          self.say("train.py is already running on the workers: watching it")
+          self.training = True
+        else:
+          self.start()
         outcome = self.watch()
       except NodeGone as e:
         outcome = "gone"

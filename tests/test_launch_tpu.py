@@ -42,10 +42,18 @@ FAKE_GCLOUD = textwrap.dedent("""\
       kind = "install"
     else:
       kind = None
-    if kind is None or kind not in scenario:
-      sys.exit(0)
+    if "vit_cls-start" in command:
+      kind = "start"
     counters_path = os.path.join(d, "counters.json")
     counters = json.load(open(counters_path)) if os.path.exists(counters_path) else {}
+    if kind == "start":
+      counters["start"] = counters.get("start", 0) + 1
+      json.dump(counters, open(counters_path, "w"))
+    # Before the first start a worker has no run directory: the status command prints nothing.
+    if kind == "status" and not counters.get("start") and not scenario.get("already_running"):
+      sys.exit(0)
+    if kind is None or kind not in scenario:
+      sys.exit(0)
     i = counters.get(kind, 0)
     counters[kind] = i + 1
     json.dump(counters, open(counters_path, "w"))
@@ -161,7 +169,7 @@ def test_capacity_refused_then_granted_creating_then_ready_then_finished(cloud):
                   "--spot", "--skip_fit_check")
   assert out.returncode == 0, out.stderr
   assert _collapse(cloud.steps()) == [
-      "queue", "create", "queue", "delete", "queue", "create", "queue", "node", *START,
+      "queue", "create", "queue", "delete", "queue", "create", "queue", "node", "status", *START,
       "node", "status", "node", "status", "node", "status", "delete"]
   create = next(c for c in cloud.calls() if c[2:4] == ["queued-resources", "create"])
   assert "--spot" in create and "--valid-until-duration=6h" in create
@@ -176,8 +184,8 @@ def test_preemption_requeues_the_slice_and_trains_again(cloud):
                    "status": ["0 running", "0 exit 0"]}, "--skip_fit_check")
   assert out.returncode == 0, out.stderr
   steps = _collapse(cloud.steps())
-  assert steps == ["queue", "create", "queue", "node", *START, "node", "status", "node", "delete",
-                   "queue", "delete", "queue", "create", "queue", "node", *START, "node", "status",
+  assert steps == ["queue", "create", "queue", "node", "status", *START, "node", "status", "node", "delete",
+                   "queue", "delete", "queue", "create", "queue", "node", "status", *START, "node", "status",
                    "delete"], steps
   assert "preempted" in out.stderr and "restart 1/20" in out.stderr
 
@@ -188,8 +196,9 @@ def test_preemption_during_the_install_requeues(cloud):
                    "status": ["0 exit 0"]}, "--skip_fit_check")
   assert out.returncode == 0, out.stderr
   steps = _collapse(cloud.steps())
-  assert steps == ["queue", "create", "queue", "node", "copy", "install", "node", "delete", "queue",
-                   "create", "queue", "node", *START, "node", "status", "delete"], steps
+  assert steps == ["queue", "create", "queue", "node", "status", "copy", "install", "node", "delete",
+                   "queue",
+                   "create", "queue", "node", "status", *START, "node", "status", "delete"], steps
   assert "the TPU is PREEMPTED" in out.stderr
 
 
@@ -200,7 +209,7 @@ def test_maintenance_event_waits_and_resumes_training(cloud):
                               "0 exit 0;1 exit 0"]}, "--skip_fit_check")
   assert out.returncode == 0, out.stderr
   steps = _collapse(cloud.steps())
-  assert steps == ["queue", "create", "queue", "node", *START, "node", "status", "node", "status",
+  assert steps == ["queue", "create", "queue", "node", "status", *START, "node", "status", "node", "status",
                    *START, "node", "status", "node", "status", "delete"], steps
   assert "READY again after REPAIRING" in out.stderr
   assert "resumes from the last checkpoint" in out.stderr
@@ -233,6 +242,17 @@ def test_an_unknown_state_stops_and_deletes_unless_keep(cloud, keep):
     assert steps[-1] == "delete"
 
 
+def test_a_rerun_watches_the_train_py_already_running(cloud):
+  # The launcher died (a closed laptop) with --keep or before its cleanup: the same command again finds
+  # the slice ACTIVE and train.py running, and watches it instead of starting a second one.
+  out = cloud.run({"queue": ["ACTIVE"], "node": ["READY"], "already_running": True,
+                   "status": ["0 running", "0 running", "0 exit 0"]}, "--skip_fit_check")
+  assert out.returncode == 0, out.stderr
+  assert _collapse(cloud.steps()) == ["queue", "node", "status", "node", "status", "node", "status",
+                                      "delete"]
+  assert "already running on the workers: watching it" in out.stderr
+
+
 def test_training_failure_deletes_the_slice(cloud):
   out = cloud.run({"queue": ["NOT_FOUND", "ACTIVE"], "node": ["READY"],
                    "status": ["0 running;1 running", "0 exit 1;1 running"]}, "--skip_fit_check")
@@ -253,7 +273,12 @@ def test_ctrl_c_stops_training_then_deletes(cloud):
   proc = cloud.popen({"queue": ["NOT_FOUND", "ACTIVE"], "node": ["READY"],
                       "status": ["0 running"]}, "--skip_fit_check")
   deadline = time.monotonic() + 60
-  while "status" not in cloud.steps() and time.monotonic() < deadline:
+
+  def polled_after_start():
+    steps = cloud.steps()
+    return "start" in steps and "status" in steps[steps.index("start"):]
+
+  while not polled_after_start() and time.monotonic() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=60)
