@@ -413,6 +413,7 @@ class Launcher:
   def __init__(self, args, commands: Commands, out=sys.stderr):
     self.args, self.c, self.out = args, commands, out
     self.restarts = 0
+    self.last_error = ""  # the stderr of the last state query
     self.queued = False  # a request may exist: delete it on the way out
     self.training = False  # train.py may be running: stop it before deleting
 
@@ -429,6 +430,7 @@ class Launcher:
 
   def _state(self, cmd):
     out = self._run(cmd, check=False, capture=True)
+    self.last_error = out.stderr.strip()
     if out.returncode != 0:
       return "NOT_FOUND" if "not_found" in out.stderr.lower() or "not found" in out.stderr.lower() \
           else "UNKNOWN"
@@ -447,12 +449,11 @@ class Launcher:
     self._restart(why)
     self.say(f"deleting {self.args.name} and queueing it again")
     self._run(self.c.delete(), check=False)
-    self.training = False
-    self.queued = False
+    self.training = False  # (queued stays set: should that delete have failed, cleanup tries again)
 
   def provision(self):
     """Until the queued resource is ACTIVE: create it if absent, re-queue it when it failed."""
-    interval, last = self.args.poll, None
+    interval, last, since = self.args.poll, None, time.monotonic()
     while True:
       state = self._state(self.c.queue_state())
       if state == "ACTIVE":
@@ -460,7 +461,12 @@ class Launcher:
         return
       if state != last:
         self.say(f"queued resource {self.args.name}: {state}")
-        interval, last = self.args.poll, state
+        interval, last, since = self.args.poll, state, time.monotonic()
+      elif state == "UNKNOWN" and time.monotonic() - since > self.args.max_wait:
+        # WAITING_FOR_RESOURCES may last the whole --valid_until window; a describe that keeps
+        # failing (credentials, network) may not.
+        raise LaunchError(f"cannot read the queued resource's state for {self.args.max_wait:g}s: "
+                          f"{self.last_error or 'no output'}")
       if state == "NOT_FOUND":
         self.queued = True  # before the call: a create that fails half-way may leave a request
         self._run(self.c.create(), capture=True)

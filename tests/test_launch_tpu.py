@@ -64,6 +64,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
       if answer:
         sys.stderr.write("ERROR: " + answer + "\\n")
         sys.exit(1)
+    elif answer.startswith("ERROR:"):
+      sys.stderr.write(answer + "\n")
+      sys.exit(1)
     elif answer == "NOT_FOUND":
       sys.stderr.write("ERROR: (gcloud) NOT_FOUND: Resource not found\\n")
       sys.exit(1)
@@ -251,6 +254,13 @@ def test_a_rerun_watches_the_train_py_already_running(cloud):
   assert _collapse(cloud.steps()) == ["queue", "node", "status", "node", "status", "node", "status",
                                       "delete"]
   assert "already running on the workers: watching it" in out.stderr
+
+
+def test_a_state_query_that_keeps_failing_gives_up_with_its_error(cloud):
+  out = cloud.run({"queue": ["ERROR: (gcloud) You do not currently have an active account selected."]},
+                  "--skip_fit_check", "--max_wait=0.2")
+  assert out.returncode == 1
+  assert "cannot read the queued resource's state for 0.2s: ERROR: (gcloud) You do not" in out.stderr
 
 
 def test_training_failure_deletes_the_slice(cloud):
