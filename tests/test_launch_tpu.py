@@ -65,7 +65,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
         sys.stderr.write("ERROR: " + answer + "\\n")
         sys.exit(1)
     elif answer.startswith("ERROR:"):
-      sys.stderr.write(answer + "\n")
+      sys.stderr.write(answer + "\\n")
       sys.exit(1)
     elif answer == "NOT_FOUND":
       sys.stderr.write("ERROR: (gcloud) NOT_FOUND: Resource not found\\n")
