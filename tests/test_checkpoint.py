@@ -172,6 +172,29 @@ def test_missing_file(tmp_path):
     ck.restore_params(tmp_path)
 
 
+def test_one_open_source_serves_every_entry_point(tiny, tmp_path, monkeypatch):
+  """`open_source` reads once; load, predict, convert and export take the source without reading again."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vit_cls import convert  # pylint: disable=g-import-not-at-top
+  from vit_cls.formats import export as export_lib  # pylint: disable=g-import-not-at-top
+  model, params = tiny
+  ck.save_npz(params, tmp_path / "m.npz")
+  source = ck.open_source(tmp_path / "m.npz")
+  assert (source.kind, source.image_size, source.label_names, source.notes) == ("npz", 16, None, [])
+  assert source.preprocessing["source"] == "vit_cls" and ck.open_source(source) is source
+  with pytest.raises(ck.CheckpointNotFound, match="nope.npz: no such file or directory"):
+    ck.open_source(tmp_path / "nope.npz")
+  monkeypatch.setattr(ck, "_read", None)  # a second read would fail
+  m, p = vit_cls.load(source)
+  np.testing.assert_array_equal(logits(m, p, images()), logits(model, params, images()))
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+  assert len(predict_lib.predict(source, [str(tmp_path / "a.png")], k=2)[0][1]) == 2
+  convert.convert_checkpoint(source, str(tmp_path / "c.npz"), num_classes=3, image_size=16)
+  export_lib.export_checkpoint(source, str(tmp_path / "timm"), "timm")
+  assert ck.load_with_info(source, dtype="bfloat16").config["dtype"] == "bfloat16"
+  assert source.overrides == {}  # overrides on an open source make a new one, the params shared
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inferring the architecture
 

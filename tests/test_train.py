@@ -202,8 +202,9 @@ def test_digits_pretrain_then_finetune_at_a_higher_resolution(tiny_config, tmp_p
   assert final["accuracy"] > 0.3, (pre, final)
 
 
-def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
-  """`config.init_from` converts in the published layout; a `scan_layers` model gets the blocks stacked."""
+def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path, monkeypatch):
+  """`config.init_from` converts in the published layout; a `scan_layers` model gets the blocks stacked.
+  The source `check_init_from` opened is the one converted: read once."""
   import types  # pylint: disable=g-import-not-at-top
   from vit_cls import checkpoint  # pylint: disable=g-import-not-at-top
   tiny_config.model.num_layers = 2
@@ -214,11 +215,13 @@ def test_init_from_fills_a_layer_scan_model(tiny_config, tmp_path):
   tiny_config.model.scan_layers = True
   tiny_config.init_from = str(tmp_path / "source.npz")
   model = train.create_model(tiny_config, 10)
-  train.check_init_from(tiny_config, model)  # shapes checked against the scanned model's stand-ins
+  opened = train.check_init_from(tiny_config, model)  # shapes checked against the scanned stand-ins
   tx, _ = optim.create_optimizer(tiny_config)
   state, _ = train.init_state(model, tx, tiny_config, sharding.create_mesh())
   assert "encoderblock" in state.params["Transformer"]
-  state = train.initialise_from(state, tiny_config, types.SimpleNamespace(info=lambda _: None))
+  monkeypatch.setattr(checkpoint, "_read", None)  # a second read would fail
+  state = train.initialise_from(state, tiny_config, types.SimpleNamespace(info=lambda _: None), model,
+                                opened)
   got = checkpoint.scan_to_unrolled(jax.device_get(state.params))
   for i in range(2):
     _assert_trees_close(got["Transformer"][f"encoderblock_{i}"],

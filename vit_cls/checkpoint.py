@@ -1,4 +1,4 @@
-"""Which format a path holds, this project's orbax checkpoints, and `load`.
+"""This project's orbax checkpoints, the architecture of a params tree, and `load`.
 
 Parameters come from (the tree and the naming: docs/ARCHITECTURE.md):
 
@@ -11,13 +11,15 @@ Parameters come from (the tree and the naming: docs/ARCHITECTURE.md):
   `state` holds params and optimizer state, `meta` a JSON dict with the model config, image size and label
   names. Only the params are read back, so loading needs neither the optimizer nor its structure.
 
-`load(path)` is the one call for users' own Flax code: it returns a ready `(model, params)` pair whatever
-the kind of file. Nothing here imports TensorFlow; orbax is imported only when an orbax checkpoint is read.
+Which of these a path holds is decided once, by `open_source`: its `CheckpointSource` is what `load`,
+`convert`, `predict`, export and `config.init_from` take. `load(path)` is the one call for users' own Flax
+code: it returns a ready `(model, params)` pair whatever the kind of file. Nothing here imports TensorFlow; orbax is imported only when an orbax checkpoint is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -198,49 +200,6 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   return params, meta
 
 
-def _restore_from_gcs(path: str, hints: Mapping | None) -> tuple[Params, dict | None]:
-  """`restore_params` of a gs:// path: an orbax checkpoint (a workdir, its checkpoints/, one step) is
-  read where it is (orbax reads Cloud Storage itself); a file or a model folder is copied to a
-  temporary local path first (numpy and safetensors read local files) and read from there."""
-  storage.check_access(path, write=False, what="checkpoint")
-  if storage.isdir(path):
-    names = storage.listdir(path)
-    if "state" in names or "checkpoints" in names or any(n.isdigit() for n in names):
-      return _restore_orbax(_find_step_dir(path))
-  elif not storage.exists(path):
-    raise FileNotFoundError(f"{path}: no such object or folder in Cloud Storage.")
-  with storage.local_copy(path) as local:
-    return restore_params(local, hints)
-
-
-def restore_params(path: str | os.PathLike, hints: Mapping | None = None) -> tuple[Params, dict | None]:
-  """Params (nested dict of numpy arrays, linen naming) and meta (None for an `.npz` without a record).
-
-  `path`: an `.npz` file, a training workdir, its `checkpoints` directory (the latest step is read), one
-  step directory, a timm or Hugging Face `.safetensors` file or model folder, or the hub id of a model
-  in the local Hugging Face cache (`google/vit-base-patch16-224`, `timm/<model>`; never downloaded). Always in the published layout (`encoderblock_{i}`), also for a run trained with
-  `scan_layers` (stacked blocks in its checkpoints). `hints`: model fields for foreign files that lack a
-  config (`num_heads`, `layernorm_epsilon`, ...; see `vit_cls.formats.read`).
-  """
-  from vit_cls import formats  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path)
-  if storage.is_gcs(path):
-    return _restore_from_gcs(path, hints)
-  if not os.path.exists(path):
-    cached = formats.find_in_hub_cache(path)
-    if cached is None:
-      raise FileNotFoundError(f"{path}: no such file or directory (nor a model id in the local Hugging "
-                              f"Face cache {formats.hub_cache_dir()}).")
-    path = cached
-  imported = formats.read(path, dict(hints or {}))
-  if imported is not None:
-    return imported.params, imported.meta(path)
-  if os.path.isfile(path):
-    params, record = read_npz(path)
-    return params, (None if record is None else {"model": record, "image_size": record.get("image_size")})
-  return _restore_orbax(_find_step_dir(os.path.abspath(path)))  # orbax wants absolute paths
-
-
 # ----------------------------------------------------------------------------------------------------
 # Model config
 
@@ -349,6 +308,120 @@ def abstract_params(model, image_size) -> dict:
   return plain(dict(variables["params"]))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Opening a checkpoint: once, into one object that every entry point takes
+
+
+class CheckpointNotFound(FileNotFoundError):
+  """The path names nothing (no file, folder, object, nor cached hub model): its own type, so that
+  `config.init_from` can say "does not exist" apart from a checkpoint that does not read."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CheckpointSource:
+  """An opened checkpoint: its kind, params (host numpy, `encoderblock_{i}` layout), architecture,
+  preprocessing and labels. Read once, so that the checkpoint `config.init_from` checked is the one
+  it uses and no layer asks the next what a path is; overrides given later change only the model."""
+
+  path: str  # as given: messages name it
+  kind: str  # "orbax" | "npz" | "timm" | "hf"
+  params: Params = dataclasses.field(repr=False)
+  meta: dict | None = dataclasses.field(repr=False)  # None for an .npz without a record
+  # Model fields put over the checkpoint's own; a foreign file without a config is read with them
+  # (`num_heads`, ...: vit_cls.formats.read).
+  overrides: dict = dataclasses.field(default_factory=dict)
+
+  @functools.cached_property
+  def own_config(self) -> dict:
+    """The architecture the checkpoint records (an `.npz` without one: its shapes), with image_size."""
+    if self.meta and isinstance(self.meta.get("model"), Mapping):
+      return {"image_size": self.meta.get("image_size"), **self.meta["model"]}
+    return infer_model_config(self.params)
+
+  @property
+  def config(self) -> dict:
+    """The model to build: `own_config` with the overrides on top."""
+    return {**self.own_config, **self.overrides}
+
+  @property
+  def image_size(self):
+    return self.config.get("image_size")
+
+  @property
+  def preprocessing(self) -> dict:
+    """mean/std of [0, 1] pixels, interpolation, crop_pct: an import's own, else this project's."""
+    from vit_cls.formats import OWN_PREPROCESSING  # pylint: disable=g-import-not-at-top
+    return dict(self._meta("preprocessing") or OWN_PREPROCESSING)
+
+  @property
+  def label_names(self) -> list | None:
+    return list(self._meta("label_names") or []) or None
+
+  @property
+  def notes(self) -> list:
+    """What an import (timm / HF) assumed or changed; `assumed`: the guesses among them, which
+    `vit_cls.load` warns with (a wrong guess loads without error and computes something else)."""
+    return list(self._meta("import_notes") or [])
+
+  @property
+  def assumed(self) -> list:
+    return list(self._meta("import_assumed") or [])
+
+  def _meta(self, key: str):
+    return (self.meta or {}).get(key)
+
+
+def open_source(path: str | os.PathLike | CheckpointSource, *, what: str = "checkpoint",
+                **overrides) -> CheckpointSource:
+  """`path`, local or gs://: an `.npz` file, a training workdir, its `checkpoints` directory (the latest
+  step), one step directory, a timm or Hugging Face `.safetensors` file or model folder, or the hub id of
+  a model in the local Hugging Face cache (`google/vit-base-patch16-224`, `timm/<model>`; never
+  downloaded). `what` names the setting in a Cloud Storage access error. An open source is not read
+  again: it comes back as it is, with any new overrides added.
+  """
+  if isinstance(path, CheckpointSource):
+    new = {k: v for k, v in overrides.items() if k not in path.overrides or path.overrides[k] != v}
+    return dataclasses.replace(path, overrides={**path.overrides, **new}) if new else path
+  path = os.fspath(path)
+  return CheckpointSource(path, *_read(path, overrides, what), overrides=dict(overrides))
+
+
+def _read(path: str, hints: dict, what: str) -> tuple[str, Params, dict | None]:
+  """(kind, params, meta): the one place that decides what a path holds."""
+  from vit_cls import formats  # pylint: disable=g-import-not-at-top
+  if storage.is_gcs(path):
+    # orbax reads Cloud Storage itself; numpy and safetensors read a temporary local copy.
+    storage.check_access(path, write=False, what=what)
+    if storage.isdir(path):
+      names = storage.listdir(path)
+      if "state" in names or "checkpoints" in names or any(n.isdigit() for n in names):
+        return ("orbax", *_restore_orbax(_find_step_dir(path)))
+    elif not storage.exists(path):
+      raise CheckpointNotFound(f"{path}: no such object or folder in Cloud Storage.")
+    with storage.local_copy(path) as local:
+      return _read(local, hints, what)
+  if not os.path.exists(path):
+    cached = formats.find_in_hub_cache(path)
+    if cached is None:
+      raise CheckpointNotFound(f"{path}: no such file or directory (nor a model id in the local Hugging "
+                               f"Face cache {formats.hub_cache_dir()}).")
+    path = cached
+  imported = formats.read(path, dict(hints))
+  if imported is not None:
+    return imported.format, imported.params, imported.meta(path)
+  if os.path.isfile(path):
+    params, record = read_npz(path)
+    return "npz", params, (None if record is None else
+                           {"model": record, "image_size": record.get("image_size")})
+  return ("orbax", *_restore_orbax(_find_step_dir(os.path.abspath(path))))  # orbax wants absolute paths
+
+
+def restore_params(path: str | os.PathLike, hints: Mapping | None = None) -> tuple[Params, dict | None]:
+  """(params, meta) of `open_source(path, **hints)`."""
+  source = open_source(path, **(hints or {}))
+  return source.params, source.meta
+
+
 @dataclasses.dataclass
 class LoadedCheckpoint:
   """Everything `load_with_info` found: the model, its params, and what the checkpoint says about them."""
@@ -362,50 +435,48 @@ class LoadedCheckpoint:
   # What the model expects of an image: mean/std of [0, 1] pixels, interpolation, crop_pct (None: resize
   # the whole image); this project's own: [-1, 1] pixels, a plain resize (vit_cls.formats).
   preprocessing: dict | None = None
+  source: CheckpointSource | None = None  # what all this came from
 
 
-def load_with_info(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
-  """`load`, plus the image size, label names and meta (what `predict` needs to preprocess and print)."""
+def load_with_info(path, **overrides) -> LoadedCheckpoint:
+  """`load`, plus the image size, label names and meta (what `predict` needs to preprocess and print).
+
+  `path`: a path, or a `CheckpointSource` already open (not read again).
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
-  params, meta = restore_params(path, overrides)
-  for guess in (meta or {}).get("import_assumed") or []:  # not only convert / init_from should hear it
-    warnings.warn(f"{path}: {guess}", stacklevel=3)
-  if meta and isinstance(meta.get("model"), Mapping):
-    config = dict(meta["model"])
-    config.setdefault("image_size", meta.get("image_size"))
-  else:
-    config = infer_model_config(params)
-  config.update(overrides)
+  source = open_source(path, **overrides)
+  for guess in source.assumed:  # not only convert / init_from should hear it
+    warnings.warn(f"{source.path}: {guess}", stacklevel=3)
+  config = source.config
   image_size = config.get("image_size")
+  params = source.params
   if image_size is None:
     rows = _shape(params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding", ()))
-    raise ValueError(f"{path}: cannot tell the image size from the position embedding {rows} "
+    raise ValueError(f"{source.path}: cannot tell the image size from the position embedding {rows} "
                      f"(not a square grid); give the image size: image_size=(height, width), or --image_size HxW.")
   model = build_model(config)
   if model.scan_layers:  # trained with, or asked for, layer scan: the blocks stacked again
     params = unrolled_to_scan(params)
-  check_param_shapes(params, abstract_params(model, image_size), got_from=f"checkpoint {path}",
+  check_param_shapes(params, abstract_params(model, image_size), got_from=f"checkpoint {source.path}",
                      want_from="model built from its config",
                      hint="fix: load with the architecture the checkpoint was trained with, or "
                           "convert it with vit_cls.convert")
   params = jax.tree.map(jnp.asarray, params)
-  label_names = list(meta["label_names"]) if meta and meta.get("label_names") else None
-  from vit_cls.formats import OWN_PREPROCESSING  # pylint: disable=g-import-not-at-top
-  preprocessing = dict((meta or {}).get("preprocessing") or OWN_PREPROCESSING)
   return LoadedCheckpoint(model=model, params=params, config=config, image_size=image_size,
-                          label_names=label_names, meta=meta, preprocessing=preprocessing)
+                          label_names=source.label_names, meta=source.meta,
+                          preprocessing=source.preprocessing, source=source)
 
 
 def load(path: str | os.PathLike, **overrides):
   """`model, params = load(path)`, then `model.apply({"params": params}, images, train=False)`.
 
-  `path` is anything `restore_params` reads. The architecture comes from the checkpoint's stored config
-  (this project's checkpoints) or is inferred from the shapes (`.npz`). `overrides` replace config
-  fields, e.g. `dtype="bfloat16"` or `attention_impl="einsum"`, or give `image_size` where it cannot be
-  inferred; params are checked against the resulting model, so a wrong checkpoint fails here, naming the
-  parameter and both shapes.
+  `path` is anything `open_source` opens, or an open `CheckpointSource`. The architecture comes
+  from the checkpoint's stored config (this project's checkpoints) or is inferred from the shapes
+  (`.npz`). `overrides` replace config fields, e.g. `dtype="bfloat16"` or `attention_impl="einsum"`, or
+  give `image_size` where it cannot be inferred; params are checked against the resulting model, so a
+  wrong checkpoint fails here, naming the parameter and both shapes.
   """
   loaded = load_with_info(path, **overrides)
   return loaded.model, loaded.params

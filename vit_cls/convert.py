@@ -15,7 +15,8 @@ As a command it writes the converted params as a published-format `.npz`:
 
   python -m vit_cls.convert --checkpoint SRC --out DST.npz --num_classes 10 --image_size 384
 
-Training's `config.init_from` goes through `init_from_checkpoint`. Nothing here imports TensorFlow.
+Training's `config.init_from` goes through `init_from_checkpoint`; it and `convert_checkpoint` take a path
+or a `CheckpointSource` (`vit_cls.checkpoint.open_source`). Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def source_switches(meta: Mapping | None) -> dict:
 def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image_size=None,
                          reset_head: bool = False, class_token_position: str = "first",
                          model=None):
-  """Training's `config.init_from`: read any checkpoint `restore_params` reads and convert it.
+  """Training's `config.init_from`: convert a `CheckpointSource` (or any path `open_source` opens).
 
   The source's image size, class-token position and switches come from its stored config when it has
   one (a published `.npz` has none: square grid, class token first, the original ViT). `model` (the
@@ -347,19 +348,15 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
   """
   # A timm / HF file that does not say its heads (no config, a name timm's table lacks) is split into
   # the heads of the model being fine-tuned: the attention kernels' shapes must match those anyway.
-  hints = {"num_heads_fallback": int(model.num_heads)} if model is not None else None
-  src_params, meta = ckpt_lib.restore_params(path, hints)
-  src_image_size, src_pos = None, "first"
-  src_model = (meta or {}).get("model") or {}
-  if meta:
-    src_image_size = meta.get("image_size")
-    src_pos = src_model.get("class_token_position", "first")
-    src_image_size = src_image_size or src_model.get("image_size")
-  switches = source_switches(meta)
+  hints = {} if model is None else {"num_heads_fallback": int(model.num_heads)}
+  source = ckpt_lib.open_source(path, **hints)
+  src_model = (source.meta or {}).get("model") or {}
+  src_image_size = (source.meta or {}).get("image_size") or src_model.get("image_size")
+  switches = source_switches(source.meta)
   if model is not None:
     wrong = {k: v for k, v in switches.items() if getattr(model, k) != v}
     if wrong:
-      raise ValueError(f"{path}: the checkpoint's model has {_flags(wrong, '')}, the model being "
+      raise ValueError(f"{source.path}: the checkpoint's model has {_flags(wrong, '')}, the model being "
                        f"fine-tuned does not; add {_flags(wrong, '--config.model.')}.")
   if model is not None:
     tgt_class_row = model.class_token_posemb
@@ -369,11 +366,12 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
     tgt_class_row = (switches.get("class_token_posemb", True) if grid is None or len(rows) != 3
                      else rows[1] != grid[0] * grid[1])
   params, report = convert_for_finetuning(
-      src_params, target_init_params, patch_size=patch_size, image_size=image_size,
-      src_image_size=src_image_size, reset_head=reset_head, src_class_token_position=src_pos,
+      source.params, target_init_params, patch_size=patch_size, image_size=image_size,
+      src_image_size=src_image_size, reset_head=reset_head,
+      src_class_token_position=src_model.get("class_token_position", "first"),
       class_token_position=class_token_position,
       src_class_token_posemb=switches.get("class_token_posemb", True), class_token_posemb=tgt_class_row)
-  _add_source_notes(report, meta, switches)
+  _add_source_notes(report, source)
   return params, report
 
 
@@ -381,12 +379,12 @@ def _flags(switches: Mapping, prefix: str) -> str:
   return " ".join(f"{prefix}{k}={v}" for k, v in switches.items())
 
 
-def _add_source_notes(report: ConversionReport, meta: Mapping | None, switches: Mapping) -> None:
-  if (meta or {}).get("format") in ("timm", "hf"):
-    report.notes.append(f"source: a {'timm' if meta['format'] == 'timm' else 'Hugging Face'} checkpoint "
-                        f"({meta.get('source')})")
-    report.notes += list(meta.get("import_notes") or [])
-  changed = {k: v for k, v in switches.items() if v != _SWITCH_DEFAULTS[k]}
+def _add_source_notes(report: ConversionReport, source) -> None:
+  if source.kind in ("timm", "hf"):
+    report.notes.append(f"source: a {'timm' if source.kind == 'timm' else 'Hugging Face'} checkpoint "
+                        f"({source.meta.get('source')})")
+    report.notes += source.notes
+  changed = {k: v for k, v in source_switches(source.meta).items() if v != _SWITCH_DEFAULTS[k]}
   if changed:
     report.notes.append("the source's architecture switches (the fine-tuned model must have them): "
                         + _flags(changed, "--config.model."))
@@ -419,23 +417,19 @@ def _representation_arg(text: str):
 def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, representation_size=None,
                        pool: str | None = None, reset_head: bool = False, seed: int = 0,
                        num_heads: int | None = None):
-  """What the command does: read, build the target model, init it, convert, write `out` (.npz).
+  """What the command does: open `checkpoint` (a path or a `CheckpointSource`), build the target model,
+  init it, convert, write `out` (.npz).
 
   `num_heads`: for a timm / HF checkpoint that does not say its heads (see `vit_cls.formats.read`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  src_params, meta = ckpt_lib.restore_params(checkpoint, {"num_heads": num_heads} if num_heads else None)
-  if meta and isinstance(meta.get("model"), Mapping):
-    src_config = dict(meta["model"])
-    src_image_size = meta.get("image_size")
-  else:
-    src_config = ckpt_lib.infer_model_config(src_params)
-    src_image_size = None  # square grid inferred from the rows
+  source = ckpt_lib.open_source(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
+  src_config = dict(source.own_config)
   src_config.pop("image_size", None)
-  # The output is the published layout, which `restore_params` also returns for a layer-scan run: the
-  # target is built unrolled whatever the source trained with (`vit_cls.load` restacks for scan).
+  # The output is the published layout, which a source also holds for a layer-scan run: the target is
+  # built unrolled whatever the source trained with (`vit_cls.load` restacks for scan).
   target_config = dict(src_config, num_classes=int(num_classes),
                        representation_size=representation_size, scan_layers=False)
   if pool is not None:
@@ -444,14 +438,9 @@ def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, represe
   h, w = ckpt_lib.hw(image_size)
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, h, w, 3), jnp.float32), train=False))
   target = init(jax.random.key(seed))["params"]
-  params, report = convert_for_finetuning(
-      src_params, target, patch_size=tuple(model.patch_size), image_size=(h, w),
-      src_image_size=src_image_size, reset_head=reset_head,
-      src_class_token_position=src_config.get("class_token_position", "first"),
-      class_token_position=model.class_token_position,
-      src_class_token_posemb=src_config.get("class_token_posemb", True),
-      class_token_posemb=model.class_token_posemb)
-  _add_source_notes(report, meta, source_switches(meta))
+  params, report = init_from_checkpoint(source, target, patch_size=tuple(model.patch_size),
+                                        image_size=(h, w), reset_head=reset_head,
+                                        class_token_position=model.class_token_position, model=model)
   # The architecture goes into the file, so that loading it rebuilds this model (pooling, switches).
   ckpt_lib.save_npz(params, out, config=target_config, image_size=image_size)
   return params, report

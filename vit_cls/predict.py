@@ -106,6 +106,7 @@ def predict(checkpoint, image_paths: Sequence[str], *, k: int = 5, batch_size: i
             image_size=None, num_heads: int | None = None):
   """[(path, [(label, probability), ...]), ...] for each image; `label` is a name or a class index.
 
+  `checkpoint`: a path or a `CheckpointSource` (it knows the preprocessing its images need).
   `image_size` overrides the checkpoint's (needed for an `.npz` with a non-square patch grid);
   `num_heads` gives the heads of a timm / HF file that does not say them (see `vit_cls.formats.read`).
   """
@@ -117,7 +118,7 @@ def predict(checkpoint, image_paths: Sequence[str], *, k: int = 5, batch_size: i
   loaded = ckpt_lib.load_with_info(checkpoint, **overrides)
   model = loaded.model
   if not model.num_classes or model.pool == "none":
-    raise ValueError(f"{checkpoint}: the model has no classification head (num_classes=0 or "
+    raise ValueError(f"{loaded.source.path}: the model has no classification head (num_classes=0 or "
                      f"pool='none'); predict needs logits.")
   names = loaded.label_names
   apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x, train=False), axis=-1))

@@ -711,15 +711,17 @@ def compile_and_report(step_fn, abstract_state: TrainState, config, mesh, log):
   return compiled
 
 
-def initialise_from(state: TrainState, config, logger, model=None) -> TrainState:
+def initialise_from(state: TrainState, config, logger, model=None, source=None) -> TrainState:
   """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution.
 
-  `check_init_from` has checked the path and the model's switches before anything compiled.
+  `source`: the `CheckpointSource` that `check_init_from` opened and checked before anything compiled,
+  converted again here into the real start without reading it again; None opens `config.init_from`.
   """
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
   params, report = convert.init_from_checkpoint(
-      config.init_from, checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
+      config.init_from if source is None else source,
+      checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
       patch_size=tuple(config.model.patch_size), image_size=config.image_size,
       class_token_position=config.model.class_token_position, model=model)
   if config.model.get("scan_layers", False):
@@ -729,40 +731,36 @@ def initialise_from(state: TrainState, config, logger, model=None) -> TrainState
   return state.replace(params=params)
 
 
-def _check_init_from_exists(path: str) -> None:
-  """`config.init_from` names a file, a directory or a model in the local Hugging Face cache."""
-  from vit_cls import formats  # pylint: disable=g-import-not-at-top
-  storage.check_access(path, write=False, what="config.init_from")  # gs://: one line, in seconds
-  if not storage.exists(path) and (storage.is_gcs(path) or formats.find_in_hub_cache(path) is None):
-    raise errors.ConfigError(
-        f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
-        f"checkpoints/ or one step), a .npz or .safetensors file, a timm or Hugging Face model folder, "
-        f"or the id of a model in the local Hugging Face cache.")
-
-
-def check_init_from(config, model) -> None:
+def check_init_from(config, model):
   """`config.init_from` exists and converts to this model: checked on shapes, before anything compiles.
 
   The conversion runs against zero-strided stand-ins for the model's parameters (no memory, no init),
-  so a checkpoint of another architecture fails here with the parameter's name and both shapes. It
-  reads the source once more than training needs (`initialise_from` converts it again, into the real
-  start): seconds of I/O for the largest checkpoints, against a compile and a traceback.
+  so a checkpoint of another architecture fails here with the parameter's name and both shapes. Returns
+  the opened source (its params in host memory) for `initialise_from`: one read serves both.
   """
   from vit_cls import convert  # pylint: disable=g-import-not-at-top
   path = config.init_from
-  _check_init_from_exists(path)
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))["params"]
   stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), shapes)
   try:
-    convert.init_from_checkpoint(path, checkpoint.scan_to_unrolled(stand_ins),
+    # gs://: the access check names config.init_from and answers in seconds.
+    source = checkpoint.open_source(path, what="config.init_from",
+                                     num_heads_fallback=int(model.num_heads))
+    convert.init_from_checkpoint(source, checkpoint.scan_to_unrolled(stand_ins),
                                  patch_size=tuple(config.model.patch_size),
                                  image_size=config.image_size,
                                  class_token_position=config.model.class_token_position,
                                  model=model)
+  except checkpoint.CheckpointNotFound:
+    raise errors.ConfigError(
+        f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
+        f"checkpoints/ or one step), a .npz or .safetensors file, a timm or Hugging Face model folder, "
+        f"or the id of a model in the local Hugging Face cache.") from None
   except (ValueError, FileNotFoundError) as e:
     raise errors.ConfigError(f"config.init_from={path!r} cannot initialise this model: {e}") from None
+  return source
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -813,8 +811,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   model = create_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config)
   mngr = create_checkpoint_manager(workdir, config)
+  source = None  # config.init_from, opened and checked once, before the first compile
   if config.get("init_from") and mngr.latest_step() is None:
-    check_init_from(config, model)  # before the first compile
+    source = check_init_from(config, model)
   state, abstract_state = init_state(model, tx, config, mesh)
   meta = checkpoint_meta(config, info)
 
@@ -823,7 +822,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state = restored
     logger.info(f"Resumed from {mngr.directory}/{int(jax.device_get(state.step))}.")
   elif config.get("init_from"):
-    state = initialise_from(state, config, logger, model)
+    state = initialise_from(state, config, logger, model, source)
+  del source  # its host copy of the params is not kept through training
   start_step = int(jax.device_get(state.step))
   if start_step >= config.total_steps:
     mngr.close()

@@ -6,8 +6,8 @@
   `save_pretrained` folder or a model in the local Hugging Face cache, found offline by its hub id.
 * `safetensors`: the file format both use, read and written with numpy alone (never torch, never pickle).
 
-`read(path)` is what `vit_cls.checkpoint.restore_params` calls for anything that is not an `.npz` or an
-orbax checkpoint: it returns an `Imported` (params in vit_cls's tree, the `VisionTransformer` fields and
+`read(path)` is what `vit_cls.checkpoint.open_source` calls for anything that is not an `.npz` or
+an orbax checkpoint: it returns an `Imported` (params in vit_cls's tree, the `VisionTransformer` fields and
 image size the tensors and config imply, the preprocessing the source expects, and notes on what was
 assumed or changed), or None when `path` holds none of these formats.
 """
@@ -43,7 +43,7 @@ class Imported:
   assumed: list = dataclasses.field(default_factory=list)
 
   def meta(self, path: str) -> dict:
-    """The `meta` dict that `restore_params` returns for it (the same keys as an orbax checkpoint's)."""
+    """The `meta` of its `CheckpointSource` (the same keys as an orbax checkpoint's)."""
     return {"model": dict(self.config), "image_size": self.config.get("image_size"),
             "label_names": self.label_names, "preprocessing": dict(self.preprocessing),
             "import_notes": list(self.notes), "import_assumed": list(self.assumed),

@@ -50,15 +50,15 @@ def export(params, config, out_dir: str, fmt: str, *, preprocessing: dict | None
   return written
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, fmt: str, num_heads: int | None = None) -> list[str]:
-  """`export` of anything `vit_cls.load` reads (workdir, step, .npz, safetensors, model folder).
+def export_checkpoint(checkpoint, out_dir: str, fmt: str, num_heads: int | None = None) -> list[str]:
+  """`export` of anything `vit_cls.load` reads (workdir, step, .npz, safetensors, model folder), or of
+  an open `CheckpointSource`.
 
   `num_heads`: for a timm / HF file that does not say its heads (see `vit_cls.formats.read`).
   """
   from vit_cls import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   loaded = ckpt_lib.load_with_info(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
-  config = dict(loaded.config, image_size=loaded.image_size)
-  return export(loaded.params, config, out_dir, fmt, preprocessing=loaded.preprocessing,
+  return export(loaded.params, loaded.config, out_dir, fmt, preprocessing=loaded.preprocessing,
                 label_names=loaded.label_names)
 
 
