@@ -1,12 +1,12 @@
 """What an asynchronous checkpoint save saves the training loop, per checkpoint, for a given model.
 
-Times `vit_cls.train.save_checkpoint` (the training loop's own save: orbax, the JSON meta, the manifest
+Times `vit_cls.train.Checkpoints.save` (the training loop's own save: orbax, the JSON meta, the manifest
 of sizes and checksums) of a full training state (parameters + AdamW moments, random values so that
 nothing compresses away) into a local workdir, both ways, in alternating rounds:
 
 * blocking (`config.async_checkpoints=False`): the loop waits for the whole save;
 * asynchronous (the default): the loop waits only until the state is in host memory; the rest is
-  written in a background thread (`finish_checkpoints` then waits for it, timed separately).
+  written in a background thread (`Checkpoints.finish` then waits for it, timed separately).
 
 The difference of the two waits is what the loop gains per checkpoint. On a CPU-only machine the
 background write shares the cores with the training step, so the gain in wall time is smaller than that
@@ -62,15 +62,15 @@ def nbytes(tree) -> int:
 
 
 def time_save(state, workdir: str, step: int, asynchronous: bool) -> tuple[float, float]:
-  """(seconds until save_checkpoint returns, seconds until the save is committed)."""
+  """(seconds until Checkpoints.save returns, seconds until the save is committed)."""
   config = ml_collections.ConfigDict(dict(keep_checkpoints=2, async_checkpoints=asynchronous))
-  mngr = train.create_checkpoint_manager(workdir, config)
+  mngr = train.Checkpoints(workdir, config)
   state = state.replace(step=jnp.asarray(step, jnp.int32))
   jax.block_until_ready(state)
   t0 = time.perf_counter()
-  train.save_checkpoint(mngr, state, {"model": {}, "note": "benchmark"})
+  mngr.save(state, {"model": {}, "note": "benchmark"})
   returned = time.perf_counter() - t0
-  train.finish_checkpoints(mngr)
+  mngr.finish()
   committed = time.perf_counter() - t0
   mngr.close()
   return returned, committed

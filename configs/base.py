@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
   # True: a save returns once the state is in host memory and is written while training goes on
-  # (vit_cls.train.create_checkpoint_manager says what it keeps); False: every save blocks until committed.
+  # (vit_cls.train.Checkpoints says what it keeps); False: every save blocks until committed.
   config.async_checkpoints = True
   # A damaged newest checkpoint: False falls back to the previous one (and says so); True stops the run.
   config.strict_checkpoints = False

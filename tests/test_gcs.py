@@ -417,10 +417,11 @@ def trained(gcs):
 
 @pytest.mark.slow
 def test_a_run_in_a_bucket_writes_everything_a_local_run_does(gcs, trained):
-  from vit_cls import metrics_log, storage  # pylint: disable=g-import-not-at-top
+  from vit_cls import manifest, metrics_log, storage  # pylint: disable=g-import-not-at-top
   wd = trained["workdir"]
   assert storage.listdir(f"{wd}/checkpoints") == ["3", "6"]
   assert storage.exists(f"{wd}/checkpoints/6/commit_success.txt")
+  assert manifest.read(f"{wd}/checkpoints/6") and manifest.damage_evidence(f"{wd}/checkpoints/6") is None
   records = metrics_log.read_metrics(wd)
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 3, 4, 6]  # 3: a checkpoint
   assert [r["step"] for r in records if r["split"] == "eval"] == [6]

@@ -230,7 +230,7 @@ def _copy(trained, tmp_path):
 
 def _restore(workdir, config, abstract):
   log = []
-  mngr = train.create_checkpoint_manager(str(workdir), config)
+  mngr = train.Checkpoints(str(workdir), config)
   return train.restore_latest(mngr, abstract, config, log.append), log, mngr
 
 
@@ -444,8 +444,8 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_valid(trained, tm
   state, _, mngr = _restore(workdir, config, trained["abstract"])
   state = state.replace(step=state.step + 2)  # would be step 6
   with fh.disk_full(point) as calls, pytest.raises(train.CheckpointError) as e:
-    train.save_checkpoint(mngr, state, {"model": {}})  # asynchronous: the write fails in the background
-    train.finish_checkpoints(mngr)  # ... and is reported here, naming the step
+    mngr.save(state, {"model": {}})  # asynchronous: the write fails in the background
+    mngr.finish()  # ... and is reported here, naming the step
   assert calls[0] >= 1
   message = str(e.value)
   _one_line(message)
@@ -851,9 +851,9 @@ def test_old_checkpoints_leave_by_rename_and_the_trash_is_emptied(trained, tmp_p
   workdir = _copy(trained, tmp_path)
   config = _tiny_config(keep_checkpoints=1)
   state, _, mngr = _restore(workdir, config, trained["abstract"])
-  train.save_checkpoint(mngr, state.replace(step=state.step + 2), {"model": {}})
-  train.finish_checkpoints(mngr)
+  mngr.save(state.replace(step=state.step + 2), {"model": {}})
+  mngr.finish()
   assert fh.step_dirs(workdir) == [6]
   trash = workdir / "checkpoints" / train.TRASH_DIR
   assert not trash.exists() or not os.listdir(trash)
-  assert mngr._options.todelete_subdir == train.TRASH_DIR  # pylint: disable=protected-access
+  assert mngr._manager._options.todelete_subdir == train.TRASH_DIR  # pylint: disable=protected-access

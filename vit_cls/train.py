@@ -10,10 +10,8 @@ at any step, so a run that is killed and resumed ends with the parameters of a r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
-import glob
 import os
 import signal
 import time
@@ -40,7 +38,7 @@ from vit_cls import workdir as workdir_lib
 from vit_cls.model import VisionTransformer
 
 CHECKPOINT_DIR = "checkpoints"
-# Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder and save_checkpoint
+# Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder and `Checkpoints`
 # empties it. On a local disk that is one atomic rename, so a kill never leaves a half-deleted step that
 # looks like a checkpoint; on gs:// a "rename" copies then deletes object by object, so a kill there can
 # leave a partial step under either name (the step's own commit marker goes with the copy).
@@ -177,80 +175,144 @@ def evaluate(params, eval_fn, eval_data, mesh) -> dict:
 # Checkpoints: orbax, one `state` item (step, params, optimizer state) and one `meta` item (JSON).
 
 
-@dataclasses.dataclass
-class _SaveInFlight:
-  """The save a CheckpointManager of `create_checkpoint_manager` may still be writing: what
-  `finish_checkpoints` needs to report it, and where the commit callback writes its manifest."""
+class Checkpoints:
+  """The run's checkpoints, `<workdir>/checkpoints`: orbax's CheckpointManager and the save in flight.
 
-  directory: str
-  async_saves: bool
-  step: int | None = None
-  previous: int | None = None  # the newest committed step when it started
-  manifest_error: OSError | None = None
-
-
-def create_checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  """orbax's manager for `<workdir>/checkpoints`, with asynchronous saves unless
-  `config.async_checkpoints` is False.
-
-  An asynchronous save returns once the state is copied to host memory (so the next step may reuse
-  the device buffers) and orbax writes it in a background thread while training goes on. It keeps
-  what a blocking save guarantees: the files go to `<step>.orbax-checkpoint-tmp`, renamed when
-  complete, so a kill only ever loses the save in flight; `finish_checkpoints` waits for it before
-  the next save, before a preemption exit, at the end and when the loop stops on an error, and
-  reports its failure as a CheckpointError naming the step; the manifest of sizes and checksums is
-  written once it is committed.
+  One object because an asynchronous save (the default, unless `config.async_checkpoints=False`) ends
+  in orbax's background thread, and reporting it needs its step, the newest committed step when it
+  started, and whether its manifest (vit_cls/manifest.py) was written: state that belongs beside the
+  manager, not on it. Such a save keeps what a blocking one guarantees (a kill loses only the save in
+  flight); `finish` waits for it before the next save, a read, a preemption exit, the end, and
+  (`finished_on_error`) an error leaving the loop, and reports its failure naming the step.
   """
-  directory = storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
-  in_flight = _SaveInFlight(directory, bool(config.get("async_checkpoints", True)))
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.get("keep_checkpoints", 3), create=True,
-      enable_async_checkpointing=in_flight.async_saves,
-      async_options=(ocp.AsyncOptions(
-          post_finalization_callback=functools.partial(_committed, in_flight))
-                     if in_flight.async_saves else None),
-      # What a killed save left behind (`<step>.orbax-checkpoint-tmp`) goes at the next start.
-      cleanup_tmp_directories=True,
-      # Old steps leave by one rename into the trash instead of a file-by-file delete, so a kill during
-      # garbage collection cannot leave a half-deleted step that still looks like a checkpoint.
-      todelete_subdir=TRASH_DIR)
-  _empty_trash(directory)  # a kill between a step's removal and the emptying left it there
-  try:  # the manager lists the steps and reads whether each was finalised
-    mngr = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
-  except Exception as e:  # pylint: disable=broad-except
-    if not storage.is_io_failure(e):
+
+  def __init__(self, workdir: str, config):
+    self.directory = storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
+    self._async = bool(config.get("async_checkpoints", True))
+    self._step = self._previous = self._manifest_error = None  # the save in flight
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.get("keep_checkpoints", 3), create=True,
+        enable_async_checkpointing=self._async,
+        async_options=(ocp.AsyncOptions(post_finalization_callback=self._write_manifest)
+                       if self._async else None),
+        # What a killed save left behind (`<step>.orbax-checkpoint-tmp`) goes at the next start.
+        cleanup_tmp_directories=True,
+        # Old steps leave by one rename into the trash instead of a file-by-file delete, so a kill
+        # during garbage collection cannot leave a half-deleted step that still looks like a checkpoint.
+        todelete_subdir=TRASH_DIR)
+    self._empty_trash()  # a kill between a step's removal and the emptying left it there
+    try:  # the manager lists the steps and reads whether each was finalised
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=("state", "meta"))
+    except Exception as e:  # pylint: disable=broad-except
+      if not storage.is_io_failure(e):
+        raise
+      raise errors.StorageError(
+          f"the checkpoints in {self.directory} could not be listed ({_reason(e)}): stopping without "
+          f"renaming anything; fix the storage (permissions, disk, mount, bucket access) and "
+          f"rerun.") from None
+
+  def save(self, state: TrainState, meta: dict) -> None:
+    """Starts writing `state` as step `state.step`, with `meta` (JSON) beside it; returns once the
+    state is in host memory (asynchronous) or committed (blocking). Old steps go only after the commit,
+    so a kill or a full disk leaves them as they were. A failed write stops the run with a
+    CheckpointError saying which step is still good (here, or from `finish`): carrying on would only
+    pile up steps that cannot be saved either."""
+    self.finish()  # the previous save, committed (or reported) before this one starts
+    self._step, self._previous = int(jax.device_get(state.step)), self._manager.latest_step()
+    self._manifest_error = None
+    try:
+      self._manager.save(self._step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"step": state.step, "params": state.params,
+                                       "opt_state": state.opt_state}),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
+    if not self._async:
+      self.finish()
+
+  def finish(self) -> None:
+    """Waits until the save in flight (if any) is committed, with its manifest; a CheckpointError
+    naming its step and the previous intact one if it failed."""
+    if self._step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
+    if not self._async:
+      self._write_manifest()  # orbax calls it only for asynchronous saves
+    step, error, self._step = self._step, self._manifest_error, None
+    if error is not None:
+      raise CheckpointError(
+          f"the checkpoint of step {step} in {self.directory} is written, but its manifest is not "
+          f"({_reason(error)}). Free disk space (or fix the workdir) and rerun: it resumes from step "
+          f"{step}.") from error
+    self._empty_trash()
+
+  @contextlib.contextmanager
+  def finished_on_error(self):
+    """On an error in the block, waits for the save in flight (its own failure is not reported: the
+    block's error is) before the error propagates."""
+    try:
+      yield
+    except BaseException:
+      with contextlib.suppress(CheckpointError):
+        self.finish()
       raise
-    raise errors.StorageError(
-        f"the checkpoints in {directory} could not be listed ({_reason(e)}): stopping without "
-        f"renaming anything; fix the storage (permissions, disk, mount, bucket access) and "
-        f"rerun.") from None
-  mngr.vit_cls_in_flight = in_flight
-  return mngr
 
+  def close(self) -> None:
+    """`finish`, then orbax's manager closes (its threads end)."""
+    self.finish()
+    self._manager.close()
 
-def _committed(in_flight: _SaveInFlight) -> None:
-  """Process 0 records the files of the step being saved (vit_cls/manifest.py); a failure is kept for
-  `finish_checkpoints` to report.
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
-  For an asynchronous save this is orbax's post-finalization callback: it runs in the background
-  thread once every item is written, before the temporary directory is renamed to `<step>`, so the
-  manifest is committed with the step. A blocking save calls it after the commit.
-  """
-  if jax.process_index() != 0 or in_flight.step is None:
-    return
-  final = os.path.join(in_flight.directory, str(in_flight.step))
-  # Where the step is being written: the temporary directory, or the final one on file systems where
-  # orbax commits with a marker file instead of a rename (and after a blocking save's commit).
-  pending = sorted(glob.glob(glob.escape(final) + ".orbax-checkpoint-tmp*"), key=os.path.getmtime)
-  try:
-    manifest.write(pending[-1] if pending else final)
-  except OSError as e:
-    in_flight.manifest_error = e
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
 
+  def restore(self, step: int, args):
+    return self._manager.restore(step, args=args)
 
-def _empty_trash(directory: str) -> None:
-  if jax.process_index() == 0:
-    storage.rmtree(storage.join(str(directory), TRASH_DIR))
+  def reload(self) -> None:  # after `restore_latest` moved damaged steps aside
+    self._manager.reload()
+
+  def reached_preemption(self, step: int) -> bool:  # the step JAX picked for every process to stop
+    return self._manager.reached_preemption(step)
+
+  def _write_manifest(self) -> None:
+    """Process 0 records the files of the step being saved; a failure is kept for `finish` to report.
+
+    Asynchronous: orbax's post-finalization callback, run once every item is written and before the
+    commit, so the manifest is committed with the step; where orbax writes is what its own temporary
+    path class for the step says (the manager's, given no `temporary_path_class` or `atomicity_options`):
+    `<step>.orbax-checkpoint-tmp` on a local disk, the step itself on gs://. Blocking: after the commit.
+    """
+    if jax.process_index() != 0 or self._step is None:
+      return
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    step_dir = epath.Path(storage.join(self.directory, str(self._step)))
+    if self._async:
+      temporary = ocp.path.atomicity_defaults.get_default_temporary_path_class(step_dir)
+      step_dir = temporary.from_final(step_dir).get()
+    try:
+      manifest.write(step_dir)
+    except OSError as e:
+      self._manifest_error = e
+
+  def _failed(self, e: BaseException) -> CheckpointError:
+    # OSError from Python writes, ValueError from tensorstore's: all mean this save did not happen.
+    step, self._step = self._step, None
+    kept = (f"step {self._previous} in {self.directory} is intact" if self._previous is not None
+            else "none was written yet")
+    return CheckpointError(
+        f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
+        f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.")
+
+  def _empty_trash(self) -> None:
+    if jax.process_index() == 0:
+      storage.rmtree(storage.join(self.directory, TRASH_DIR))
 
 
 def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
@@ -258,78 +320,6 @@ def checkpoint_meta(config, info: input_pipeline.DatasetInfo) -> dict:
   return {"model": model_kwargs(config, info.num_classes), "image_size": config.image_size,
           "num_classes": info.num_classes, "label_names": list(info.label_names),
           "dataset": config.dataset}
-
-
-def save_checkpoint(mngr, state: TrainState, meta: dict) -> None:
-  """Starts writing `state` as step `state.step` (a manager of `create_checkpoint_manager`).
-
-  Returns once the state is copied to host memory (asynchronous saves, the default) or once it is
-  committed (`config.async_checkpoints=False`). Orbax writes into `<step>.orbax-checkpoint-tmp`, renames
-  it when complete and removes old steps only after that, so a kill or a full disk at any moment leaves
-  the earlier checkpoints as they were. A failed write stops the run with a CheckpointError saying
-  which step is still good (here, or from `finish_checkpoints` for a save in the background): carrying
-  on would only pile up steps that cannot be saved either.
-  """
-  finish_checkpoints(mngr)  # the previous save, committed (or reported) before this one starts
-  in_flight = mngr.vit_cls_in_flight
-  in_flight.step, in_flight.previous = int(jax.device_get(state.step)), mngr.latest_step()
-  in_flight.manifest_error = None
-  try:
-    mngr.save(in_flight.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"step": state.step, "params": state.params,
-                                     "opt_state": state.opt_state}),
-        meta=ocp.args.JsonSave(meta)), force=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(in_flight, e) from e
-  if not in_flight.async_saves:
-    finish_checkpoints(mngr)
-
-
-def finish_checkpoints(mngr) -> None:
-  """Waits until the save in flight (if any) is committed, with its manifest; a CheckpointError
-  naming its step and the previous intact one if it failed."""
-  in_flight = mngr.vit_cls_in_flight
-  if in_flight.step is None:
-    return
-  try:
-    mngr.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(in_flight, e) from e
-  if not in_flight.async_saves:
-    _committed(in_flight)  # the callback runs only for asynchronous saves
-  step, error = in_flight.step, in_flight.manifest_error
-  in_flight.step = None
-  if error is not None:
-    raise CheckpointError(
-        f"the checkpoint of step {step} in {mngr.directory} is written, but its manifest is not "
-        f"({_reason(error)}). Free disk space (or fix the workdir) and rerun: it resumes from step "
-        f"{step}.") from error
-  _empty_trash(mngr.directory)
-
-
-def _save_failed(in_flight: _SaveInFlight, e: BaseException) -> CheckpointError:
-  # OSError from Python writes, ValueError from tensorstore's: all mean this save did not happen.
-  step, previous = in_flight.step, in_flight.previous
-  in_flight.step = None
-  kept = (f"step {previous} in {in_flight.directory} is intact" if previous is not None
-          else "none was written yet")
-  return CheckpointError(
-      f"saving the checkpoint of step {step} failed ({_reason(e)}); the previous checkpoint: {kept}. "
-      f"Free disk space (or fix the workdir) and rerun: it resumes from the last intact step.")
-
-
-@contextlib.contextmanager
-def _finished_on_error(mngr):
-  """On an error in the block, waits for the save in flight (its own failure is not reported: the
-  block's error is) before the error propagates."""
-  try:
-    yield
-  except BaseException:
-    try:
-      finish_checkpoints(mngr)
-    except CheckpointError:
-      pass
-    raise
 
 
 def _reason(e: BaseException, limit: int = 240) -> str:
@@ -388,7 +378,7 @@ def restore_checkpoint(mngr, step: int, abstract_state: TrainState) -> TrainStat
   A CheckpointError means another model or optimizer. Anything else means the step did not read back;
   whether it is damaged is `restore_latest`'s question, answered from evidence (vit_cls/manifest.py).
   """
-  finish_checkpoints(mngr)  # a save of this manager still in flight is read once committed
+  mngr.finish()  # a save still in flight is read once committed
   step_dir = os.path.join(str(mngr.directory), str(step))
   check_checkpoint_matches(step_dir, _stored_state_tree(step_dir), abstract_state)
   target = {"step": abstract_state.step, "params": abstract_state.params,
@@ -810,7 +800,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   mesh = sharding.create_mesh()
   model = create_model(config, info.num_classes)
   tx, schedule = optim.create_optimizer(config)
-  mngr = create_checkpoint_manager(workdir, config)
+  mngr = Checkpoints(workdir, config)
   source = None  # config.init_from, opened and checked once, before the first compile
   if config.get("init_from") and mngr.latest_step() is None:
     source = check_init_from(config, model)
@@ -853,7 +843,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     pending = []
     bad = [s for s, m in fetched if not m["finite"]]
     if bad:
-      finish_checkpoints(mngr)  # a good state's save in flight is committed before the run stops
+      mngr.finish()  # a good state's save in flight is committed before the run stops
       last_good = mngr.latest_step()
       raise NonFiniteError(
           f"loss or gradients became NaN/Inf at step {bad[0]}: stopping. The last checkpoint "
@@ -868,7 +858,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logger.progress(step, summary, steps_per_sec * config.batch_size, steps_per_sec)
 
   # A save in flight is committed before an error leaves (train.py then exits at once).
-  with _Preemption() as preemption, _finished_on_error(mngr):
+  with _Preemption() as preemption, mngr.finished_on_error():
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
@@ -885,13 +875,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
         logger.sync()  # a gs:// metrics file: uploaded up to the step being saved
-        save_checkpoint(mngr, state, meta)
+        mngr.save(state, meta)
       if stop:
-        finish_checkpoints(mngr)
+        mngr.finish()
         logger.info(f"Preemption requested: checkpoint written at step {step}; exiting.")
         break
 
-  finish_checkpoints(mngr)
   mngr.close()
   if is_chief and step == config.total_steps:
     path = metrics_log.plot_curves(workdir)
