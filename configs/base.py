@@ -49,4 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A damaged newest checkpoint: False falls back to the previous one (and says so); True stops the run.
   config.strict_checkpoints = False
   config.init_from = ml_collections.config_dict.placeholder(str)  # checkpoint to fine-tune from
+  # Fine-tuning tools (vit_cls/optim.py): layer-wise lr decay (None = off; BEiT/timm convention), and a
+  # regular expression over parameter names ("" = nothing frozen; configs/linear_probe.py freezes all
+  # but the head).
+  config.layer_decay = ml_collections.config_dict.placeholder(float)
+  config.frozen = ""
   return config

@@ -104,7 +104,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, config, n
 
   chunks = config.get("batch_chunks", 1)
 
+  frozen = config.get("frozen", "") or ""
+
   def loss_fn(params, images, labels, dropout_rng):
+    if frozen:
+      # Gradients of frozen parameters are never used (set_to_zero): stop_gradient lets XLA drop
+      # their weight-gradient products, and with only the head trained, the whole backbone backward.
+      mask = optim.frozen_mask(params, frozen, int(config.model.num_layers))
+      params = jax.tree.map(lambda m, p: jax.lax.stop_gradient(p) if np.ndim(m) == 0 and m else p,
+                            mask, params)
     logits = speed.apply_in_chunks(model, {"params": params}, images, chunks, train=True,
                                        rngs={"dropout": dropout_rng})
     loss = cross_entropy(logits, labels, num_classes, config.get("label_smoothing", 0.0)).mean()
@@ -524,10 +532,15 @@ def validate_config(config, num_devices: int | None = None, num_processes: int |
     raise errors.ConfigError(f"config.image_size={config.image_size} is not divisible by "
                      f"config.model.patch_size={patch}: use a multiple of the patch size.")
   try:
-    create_model(config, num_classes=1)  # the architecture fields check themselves
+    model = create_model(config, num_classes=1)  # the architecture fields check themselves
   except (ValueError, TypeError) as e:
     # VisionTransformer names its own field; the user writes config.model.<field>.
     raise errors.ConfigError(str(e).replace("VisionTransformer.", "config.model.")) from None
+  if config.get("frozen"):  # names and shapes only (eval_shape): nothing is initialised
+    size = config.image_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                               train=False))["params"]
+    optim.check_frozen(config, shapes)
   n_dev = jax.device_count() if num_devices is None else num_devices
   n_proc = jax.process_count() if num_processes is None else num_processes
   input_pipeline.check_batch_divisibility(config.batch_size, n_dev, n_proc, "batch_size")

@@ -1,0 +1,216 @@
+"""Fine-tuning tools (issue 25): layer-wise lr decay, frozen parameters.
+
+Tiny models only (tests/tiny_model.py): every test runs in seconds on a CPU.
+"""
+
+import functools
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from tests import tiny_model
+from vit_cls import checkpoint
+from vit_cls import errors
+from vit_cls import optim
+from vit_cls import train
+
+
+def _config(**kw):
+  """The digits config with a 2-layer tiny model (tests/tiny_model.py's), a constant learning rate."""
+  config = default.get_config()
+  config.model.update(dict(patch_size=(4, 4), hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2,
+                           representation_size=None, attention_impl="einsum"))
+  config.update(dict(optimizer="sgd", momentum=0.0, learning_rate=0.1, warmup_steps=0,
+                     decay_type="constant", weight_decay=0.0, grad_clip_norm=0.0, label_smoothing=0.0,
+                     total_steps=10, batch_size=8))
+  config.update(kw)
+  return config
+
+
+def _params(scan=False, **kw):
+  m = tiny_model.tiny(scan_layers=scan, **kw)
+  return m, m.init(jax.random.key(0), tiny_model.images(), train=False)["params"]
+
+
+def _flat(tree):
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def _expected_id(name, L):
+  """The BEiT/timm layer id written out by hand, for the published names."""
+  if name.split("/")[0] in ("embedding", "cls", "registers") or "posembed_input" in name:
+    return 0
+  m = re.search(r"encoderblock_(\d+)/", name)
+  return int(m.group(1)) + 1 if m else L + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay.
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("decay", [0.5, 0.75])
+def test_layer_decay_effective_rate_is_the_formula(scan, decay):
+  """SGD without momentum, gradient 1: -update / lr is each parameter's factor d ** (L + 1 - id)."""
+  _, params = _params(scan, num_registers=1)
+  config = _config(layer_decay=decay)
+  tx, _ = optim.create_optimizer(config)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  rate = checkpoint.scan_to_unrolled(jax.tree.map(lambda u: -u / config.learning_rate, updates))
+  L = 2
+  flat = _flat(rate)
+  assert "registers" in flat and "cls" in flat and "Transformer/encoderblock_1/LayerNorm_0/scale" in flat
+  for name, r in flat.items():
+    np.testing.assert_allclose(r, decay ** (L + 1 - _expected_id(name, L)), rtol=1e-6, err_msg=name)
+  assert np.all(flat["head/kernel"] == 1.0)
+  np.testing.assert_allclose(flat["embedding/kernel"], decay ** 3, rtol=1e-6)
+
+
+def test_layer_decay_one_adamw_update_matches_hand_computation():
+  """One AdamW step of a 2-layer model, with clipping and weight decay, computed by hand in numpy."""
+  model, params = _params()
+  lr, wd, d, clip, eps = 0.01, 0.1, 0.6, 0.5, 1e-8
+  config = _config(optimizer="adamw", learning_rate=lr, weight_decay=wd, layer_decay=d,
+                   grad_clip_norm=clip)
+  tx, _ = optim.create_optimizer(config)
+  images = tiny_model.images()
+  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images, train=False) ** 2
+                                     + 0.1 * jnp.sum(p["embedding"]["kernel"])))(params)
+  grads = jax.tree.map(lambda g: g + 0.01, grads)  # every gradient non-zero (the head's are zero)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = _flat(optax.apply_updates(params, updates))
+
+  g_flat, p_flat = _flat(jax.device_get(grads)), _flat(jax.device_get(params))
+  norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in g_flat.values()))
+  k = min(1.0, clip / norm)
+  for name, p in p_flat.items():
+    g = np.asarray(g_flat[name], np.float64) * k
+    adam = g / (np.abs(g) + eps)  # first step: bias-corrected m / sqrt(v) = g / |g|
+    if name.endswith("kernel"):
+      adam = adam + wd * p
+    want = p - lr * d ** (3 - _expected_id(name, 2)) * adam
+    np.testing.assert_allclose(new[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_layer_decay_off_leaves_the_optimizer_as_before():
+  _, params = _params()
+  for decay in (None, 1.0):
+    tx, _ = optim.create_optimizer(_config(layer_decay=decay))
+    base, _ = optim.create_optimizer(_config())
+    g = jax.tree.map(jnp.ones_like, params)
+    a, _ = tx.update(g, tx.init(params), params)
+    b, _ = base.update(g, base.init(params), params)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b))
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_layer_decay_outside_unit_interval_is_one_line(value):
+  with pytest.raises(errors.ConfigError, match=r"^config\.layer_decay=.*\(0, 1\]") as e:
+    train.validate_config(_config(layer_decay=value))
+  assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frozen parameters.
+
+_BACKBONE = "^(?!head/)"  # everything but the head: configs/linear_probe.py
+
+
+def _train_steps(config, params, model, steps=3):
+  tx, schedule = optim.create_optimizer(config)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                   config=config, num_classes=5))
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (8, 16, 16, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 5, (8,)))}
+    state, metrics = step(state, batch)
+    assert bool(metrics["finite"])
+  return state
+
+
+def _nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("pattern", [_BACKBONE, "^(embedding|cls|Transformer/posembed_input|"
+                                                "Transformer/encoderblock_0/)"])
+def test_frozen_parameters_bit_identical_and_without_optimizer_state(scan, pattern):
+  model, params = _params(scan)
+  params = jax.tree.map(lambda x: x + 0.01, params)  # a non-zero head, so gradients reach the backbone
+  config = _config(optimizer="adamw", weight_decay=0.1, grad_clip_norm=1.0, frozen=pattern,
+                   layer_decay=0.8)
+  config.model.scan_layers = scan
+  state = _train_steps(config, params, model)
+  before = _flat(checkpoint.scan_to_unrolled(jax.device_get(params)))
+  after = _flat(checkpoint.scan_to_unrolled(jax.device_get(state.params)))
+  frozen = {k for k in before if re.search(pattern, k)}
+  assert frozen and frozen != set(before)
+  for k in before:
+    same = np.array_equal(before[k], after[k])
+    assert same == (k in frozen), k  # frozen: bit-identical; trained: moved
+
+  # Frozen leaves have no moments: the saved optimizer state shrinks.
+  free_config = _config(optimizer="adamw", weight_decay=0.1, grad_clip_norm=1.0)
+  free_tx, _ = optim.create_optimizer(free_config)
+  full = _nbytes(free_tx.init(params))
+  assert _nbytes(state.opt_state) < full
+  if not scan or pattern == _BACKBONE:  # whole leaves frozen: exactly the trained leaves' two moments
+    trained_bytes = sum(v.size * 4 for k, v in _flat(jax.device_get(params)).items()
+                        if not np.all([re.search(pattern, n)
+                                       for n in optim.unrolled_names(tuple(k.split("/")), 2)]))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # not the step counts
+    assert _nbytes(moments) == 2 * trained_bytes
+
+
+def test_frozen_state_saved_smaller(tmp_path):
+  """The checkpoint written for a linear probe holds no moments for the backbone."""
+  import orbax.checkpoint as ocp
+  _, params = _params(hidden_size=128, mlp_dim=512)  # arrays, not orbax's metadata, dominate the size
+  sizes = {}
+  for pattern in ("", _BACKBONE):
+    tx, _ = optim.create_optimizer(_config(optimizer="adamw", frozen=pattern))
+    path = tmp_path / (pattern and "probe" or "full")
+    with ocp.StandardCheckpointer() as ckpt:
+      # Random moments: orbax compresses, and fresh (zero) moments would cost nothing either way.
+      state = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape) if x.ndim else x,
+                           tx.init(params))
+      ckpt.save(path, {"params": params, "opt_state": state})
+    sizes[pattern] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+  head = sum(x.size * 4 for x in jax.tree.leaves(params["head"]))
+  moments = 2 * sum(x.size * 4 for x in jax.tree.leaves(params))
+  assert sizes[""] - sizes[_BACKBONE] > 0.8 * (moments - 2 * head), sizes
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("^nothing_like_this", r"^config\.frozen='\^nothing_like_this' matches no parameter"),
+    ("^head/", r"^config\.frozen='\^head/' freezes the head \(head/bias, head/kernel\)"),
+    (".", r"^config\.frozen='\.' freezes the head"),
+    ("(", r"^config\.frozen='\(' is not a valid regular expression"),
+])
+def test_bad_frozen_pattern_is_one_line(pattern, message):
+  with pytest.raises(errors.ConfigError, match=message) as e:
+    train.validate_config(_config(frozen=pattern))
+  assert "\n" not in str(e.value)
+
+
+def test_linear_probe_config_freezes_all_but_the_head():
+  from configs import linear_probe
+  config = linear_probe.get_config()
+  train.validate_config(config)
+  model = train.create_model(config, 10)
+  size = config.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                             train=False))["params"]
+  mask = _flat(optim.frozen_mask(shapes, config.frozen, config.model.num_layers))
+  assert {k for k, v in mask.items() if not v} == {"head/kernel", "head/bias"}
+
