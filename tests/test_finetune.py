@@ -1,4 +1,4 @@
-"""Fine-tuning tools (issue 25): layer-wise lr decay, frozen parameters.
+"""Fine-tuning tools (issue 25): layer-wise lr decay, frozen parameters, dense features.
 
 Tiny models only (tests/tiny_model.py): every test runs in seconds on a CPU.
 """
@@ -213,4 +213,69 @@ def test_linear_probe_config_freezes_all_but_the_head():
                                              train=False))["params"]
   mask = _flat(optim.frozen_mask(shapes, config.frozen, config.model.num_layers))
   assert {k for k, v in mask.items() if not v} == {"head/kernel", "head/bias"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense features.
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(patch_size=(2, 2), num_registers=3),
+    dict(patch_size=(8, 4), pool="gap", num_registers=1),
+    dict(pool="map", scan_layers=True),
+    dict(class_token_position="last", num_registers=2, scan_layers=True),
+    dict(class_token_posemb=False, num_registers=2),
+])
+def test_dense_features_shapes_and_equal_to_sowed_tokens(kw):
+  from vit_cls import features
+  from vit_cls import model as model_lib
+  model = tiny_model.tiny(**kw)
+  images = tiny_model.images()
+  variables = model.init(jax.random.key(0), images, train=False)
+  ph, pw = model.patch_size
+  gh, gw, regs = 16 // ph, 16 // pw, model.num_registers
+  n_cls = int(model.pool == "cls")
+  out = features.dense_features(model, variables, images, layers=(0, -1))
+  assert out.layers == (0, 1)
+  for grid, prefix in zip(out.grids, out.prefix):
+    assert grid.shape == (2, gh, gw, 32)
+    assert prefix.shape == (2, n_cls + regs, 32)
+  nchw = features.dense_features(model, variables, images, layers=(-1,), layout="NCHW")
+  np.testing.assert_array_equal(nchw.grids[0], jnp.transpose(out.grids[1], (0, 3, 1, 2)))
+
+  # The last block, normalised, is the model's own `tokens` intermediate (registers already removed).
+  _, aux = model_lib.apply_with_aux(model, variables, images, train=False)
+  tokens = aux["tokens"]
+  first = model.class_token_position == "first"
+  patches = tokens[:, n_cls:] if first else tokens[:, :gh * gw]
+  np.testing.assert_allclose(out.grids[1].reshape(2, gh * gw, 32), patches, atol=1e-6)
+  if n_cls:
+    np.testing.assert_allclose(out.prefix[1][:, 0], tokens[:, 0] if first else tokens[:, -1],
+                               atol=1e-6)
+  # Unnormalised, an intermediate block differs from its normalised twin.
+  raw = features.dense_features(model, variables, images, layers=(0,), norm=False)
+  assert not np.allclose(raw.grids[0], out.grids[0])
+
+
+def test_dense_features_nnx_equals_linen():
+  from flax import nnx
+  from vit_cls import features
+  model = tiny_model.tiny(num_registers=1)
+  images = tiny_model.images()
+  variables = model.init(jax.random.key(0), images, train=False)
+  module = nnx.bridge.lazy_init(nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)), images, train=False)
+  nnx.update(module, variables["params"])
+  a = features.dense_features(model, variables, images, layers=(0, 1))
+  b = features.dense_features_nnx(module, images, layers=(0, 1))
+  for x, y in zip(a.grids + a.prefix, b.grids + b.prefix):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_dense_features_bad_layers():
+  from vit_cls import features
+  model = tiny_model.tiny()
+  variables = model.init(jax.random.key(0), tiny_model.images(), train=False)
+  with pytest.raises(ValueError, match=r"layers=\(2,\) is not allowed"):
+    features.dense_features(model, variables, tiny_model.images(), layers=(2,))
 
