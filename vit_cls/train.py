@@ -136,7 +136,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, config, n
     (loss, accuracy, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     loss, accuracy, grads = jax.tree.map(lambda x: x / accum, (loss, accuracy, grads))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
