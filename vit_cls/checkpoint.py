@@ -157,6 +157,8 @@ def _restore_orbax(step_dir: str) -> tuple[Params, dict | None]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+  from vit_cls import orbax_fix  # pylint: disable=g-import-not-at-top
+  orbax_fix.apply()
 
   state_dir = epath.Path(step_dir) / "state"
   handler = ocp.PyTreeCheckpointHandler()

@@ -31,11 +31,14 @@ from vit_cls import input_pipeline
 from vit_cls import manifest
 from vit_cls import metrics_log
 from vit_cls import optim
+from vit_cls import orbax_fix
 from vit_cls import sharding
 from vit_cls import speed
 from vit_cls import storage
 from vit_cls import workdir as workdir_lib
 from vit_cls.model import VisionTransformer
+
+orbax_fix.apply()  # a failed restore lets its other reads finish before its event loop closes
 
 CHECKPOINT_DIR = "checkpoints"
 # Inside CHECKPOINT_DIR: orbax renames a step it garbage-collects into this folder and `Checkpoints`
