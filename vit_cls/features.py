@@ -88,4 +88,4 @@ def dense_features_nnx(module, images, **kwargs) -> DenseFeatures:
   """`dense_features` of an NNX module from `vit_cls.load_nnx` (a `flax.nnx.bridge.ToNNX` wrapper)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-  return dense_features(module.module, {"params": params}, images, **kwargs)
+  return dense_features(module.to_nnx__module, {"params": params}, images, **kwargs)
