@@ -36,6 +36,7 @@ the format being written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -61,6 +62,58 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 ONNX_OPSET = 21
 TOP_K = 5
 SAVEDMODEL_VERSION = "1"
+
+
+# The newest StableHLO version a SavedModel's embedded program is written in. TensorFlow runs it through
+# its own, older StableHLO (2.21, the newest TensorFlow, has 1.13.7). jax 0.10.2 writes 1.15.0 and
+# TensorFlow 2.21 runs that; jax 0.12 writes 1.18.0, in which the shape-polymorphic batch check becomes
+# `vhlo.custom_call_v2`, an operation TensorFlow 2.21 refuses ("unregistered operation").
+SAVEDMODEL_STABLEHLO_VERSION = "1.15.0"
+
+
+@contextlib.contextmanager
+def _stablehlo_tensorflow_reads():
+  """Within: what jax.export writes is a program TensorFlow 2.21 can run (jax2tf embeds it as it is).
+
+  Two differences from jax 0.12's own choice, both for TensorFlow's older StableHLO, neither with an
+  option in jax (so the two private hooks are swapped here and put back on the way out):
+  - the version is capped at SAVEDMODEL_STABLEHLO_VERSION (jax picks "4 weeks old" itself in
+    `_export._module_to_bytecode`); StableHLO writes an older version by downgrading each operation,
+    and one it cannot write fails the export, never the serving;
+  - `erfc` (exact GELU: DINOv2, CLIP, SigLIP and timm's models use it) is lowered to plain StableHLO
+    arithmetic, jax's own float32 expansion of it. jax 0.12 emits CHLO's `erfc`, which its serialiser
+    wraps in a `composite` whose decomposition TensorFlow 2.21 cannot shape-refine for a dynamic batch
+    ("operand at index 0 has type 'tensor<2x3xf32>', but decomposition has type 'tensor<?x3xf32>'").
+  On jax 0.10.2 both are what jax does anyway.
+  """
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  from jax._src.lax import special  # pylint: disable=g-import-not-at-top
+  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir.dialects import hlo  # pylint: disable=g-import-not-at-top
+
+  def as_tuple(version):
+    return tuple(int(part) for part in version.split("."))
+
+  jax_choice = hlo.get_version_from_compatibility_requirement(hlo.StablehloCompatibilityRequirement.WEEK_4)
+  target = min(jax_choice, SAVEDMODEL_STABLEHLO_VERSION, key=as_tuple)
+
+  def module_to_bytecode(module):
+    return _jax.mlir.serialize_portable_artifact(module, target,
+                                                  xla_bridge.get_backend().serialize_with_sdy)
+
+  original_bytecode, original_erfc = _export._module_to_bytecode, mlir._lowerings[special.erfc_p]
+  _export._module_to_bytecode = module_to_bytecode
+  if as_tuple(jax_choice) > as_tuple(SAVEDMODEL_STABLEHLO_VERSION):  # jax 0.11+: the composite erfc
+    from jax._src.lax.erf import erfc_impl  # pylint: disable=g-import-not-at-top
+    erfc_as_arithmetic = mlir.lower_fun(erfc_impl, multiple_results=False)
+    mlir.register_lowering(special.erfc_p, lambda ctx, x, **_: erfc_as_arithmetic(ctx, x))
+  try:
+    yield
+  finally:
+    _export._module_to_bytecode = original_bytecode
+    mlir._lowerings[special.erfc_p] = original_erfc
 
 
 @dataclasses.dataclass
@@ -204,6 +257,7 @@ def write_onnx(loaded, spec: ServingSpec, out_dir: str) -> list[str]:
   return ["model.onnx"]
 
 
+@_stablehlo_tensorflow_reads()
 def write_savedmodel(loaded, spec: ServingSpec, out_dir: str) -> list[str]:
   """DIR/1/: a SavedModel from jax2tf, weights as variables.
 
