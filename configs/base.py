@@ -54,4 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   # but the head).
   config.layer_decay = ml_collections.config_dict.placeholder(float)
   config.frozen = ""
+  # FlexiViT patch-size change (vit_cls/convert.py), only with init_from: the model's patch size in place
+  # of model.patch_size; init_from's patch embedding is resampled to it (pseudo-inverse of the bilinear
+  # patch resize, exact when the patch grows) and its position embeddings to the new grid. None: off.
+  config.init_patch_size = ml_collections.config_dict.placeholder(int)
   return config

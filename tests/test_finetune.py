@@ -1,4 +1,4 @@
-"""Fine-tuning tools (issue 25): layer-wise lr decay, frozen parameters, dense features.
+"""Fine-tuning tools (issue 25): layer-wise lr decay, frozen parameters, dense features, patch resize.
 
 Tiny models only (tests/tiny_model.py): every test runs in seconds on a CPU.
 """
@@ -279,3 +279,173 @@ def test_dense_features_bad_layers():
   with pytest.raises(ValueError, match=r"layers=\(2,\) is not allowed"):
     features.dense_features(model, variables, tiny_model.images(), layers=(2,))
 
+
+# ----------------------------------------------------------------------------------------------------
+# Patch-size change (FlexiViT).
+
+
+def _resize_patches(images, patch, new_patch):
+  """Each patch resized on its own (bilinear, no antialias): what the resampled kernel is exact for."""
+  n, h, w, c = images.shape
+  (ph, pw), (qh, qw) = patch, new_patch
+  x = images.reshape(n, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+  x = jax.vmap(jax.vmap(jax.vmap(lambda p: jax.image.resize(p, (qh, qw, c), "bilinear",
+                                                            antialias=False))))(x)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // ph * qh, w // pw * qw, c)
+
+
+@pytest.mark.parametrize("old, new", [((4, 4), (8, 8)), ((4, 4), (6, 5)), ((2, 3), (7, 7)),
+                                      ((14, 14), (16, 16))])
+def test_resampled_kernel_on_resized_patch_gives_original_embedding(old, new):
+  """FlexiViT's guarantee for an upward resize: <resize(x), resampled w> = <x, w>, every patch x."""
+  from vit_cls import convert
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=old + (3, 16)).astype(np.float32)
+  x = rng.uniform(-1, 1, size=(5,) + old + (3,)).astype(np.float32)
+  resized = jax.vmap(lambda p: jax.image.resize(p, new + (3,), "bilinear", antialias=False))(x)
+  new_kernel = convert.resample_patch_embedding(kernel, new)
+  assert new_kernel.shape == new + (3, 16) and new_kernel.dtype == np.float32
+  want = np.einsum("nhwc,hwcd->nd", x, kernel)
+  np.testing.assert_allclose(np.einsum("nhwc,hwcd->nd", resized, new_kernel), want,
+                             rtol=1e-4, atol=1e-4)
+  # The assertion can fail: a plain resize of the kernel (what FlexiViT replaces) is far off.
+  naive = np.asarray(jax.image.resize(kernel, new + (3, 16), "bilinear"))
+  assert np.max(np.abs(np.einsum("nhwc,hwcd->nd", resized, naive) - want)) > 0.1
+
+
+def test_resampled_kernel_same_size_is_the_kernel_and_downward_is_not_exact():
+  """An unchanged patch is the identity; a smaller patch loses pixels, so only a least-squares fit."""
+  from vit_cls import convert
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(8, 8, 3, 4)).astype(np.float32)
+  np.testing.assert_array_equal(convert.resample_patch_embedding(kernel, (8, 8)), kernel)
+  x = rng.uniform(-1, 1, size=(5, 8, 8, 3)).astype(np.float32)
+  resized = jax.vmap(lambda p: jax.image.resize(p, (4, 4, 3), "bilinear", antialias=False))(x)
+  small = convert.resample_patch_embedding(kernel, (4, 4))
+  assert small.shape == (4, 4, 3, 4)
+  err = np.abs(np.einsum("nhwc,hwcd->nd", resized, small) - np.einsum("nhwc,hwcd->nd", x, kernel))
+  assert np.max(err) > 1e-2
+
+
+def test_init_from_resampled_patch_keeps_the_function(tmp_path):
+  """Source /4 on 16x16 -> target /8 on 32x32 (same 4x4 grid): the target on per-patch upsampled images
+  gives the source's logits; the report lists the kernel as resized, not kept."""
+  from vit_cls import convert
+  src_model, src = _params()
+  src = jax.tree.map(lambda x: x + 0.05, src)  # a non-zero head
+  path = str(tmp_path / "src.npz")
+  checkpoint.save_npz(jax.device_get(src), path, config=src_model, image_size=16)
+  tgt_model = tiny_model.tiny(patch_size=(8, 8))
+  target = tgt_model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  with pytest.raises(ValueError, match=r"^parameter 'embedding/kernel' has patch size \(4, 4\) in the "
+                                       r"source checkpoint but patch_size=\(8, 8\) was asked for "
+                                       r"\(--patch_size / config.init_patch_size resample it"):
+    convert.init_from_checkpoint(path, target, patch_size=(8, 8), image_size=32)
+  params, report = convert.init_from_checkpoint(path, target, patch_size=(8, 8), image_size=32,
+                                                resample_patch=True)
+  assert [(p, old, new) for p, old, new, _ in report.resized] == [
+      ("embedding/kernel", (4, 4, 3, 32), (8, 8, 3, 32))]
+  assert "FlexiViT" in report.resized[0][3] and "embedding/kernel" not in report.kept
+  assert convert.POSEMB in report.kept  # the grid is 4x4 on both sides
+  images = tiny_model.images()
+  want = src_model.apply({"params": src}, images, train=False)
+  got = tgt_model.apply({"params": params}, _resize_patches(images, (4, 4), (8, 8)), train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_command_patch_size(tmp_path, capsys):
+  """/4 at 16 -> --patch_size 6 at 24 (the 4x4 grid kept): the written model on per-patch resized
+  images computes the source's logits; at 36 the position embeddings go to the 6x6 grid."""
+  from vit_cls import convert
+  src_model, src = _params()
+  src = jax.tree.map(lambda x: x + 0.05, src)  # a non-zero head, kept (5 classes on both sides)
+  path, out = str(tmp_path / "src.npz"), str(tmp_path / "out.npz")
+  checkpoint.save_npz(jax.device_get(src), path, config=src_model, image_size=16)
+  assert convert.main(["--checkpoint", path, "--out", out, "--num_classes", "5", "--image_size", "24",
+                       "--patch_size", "6"]) == 0
+  assert "embedding/kernel: (4, 4, 3, 32) -> (6, 6, 3, 32) (patch 4x4 -> 6x6, FlexiViT" in (
+      capsys.readouterr().out)
+  model, params = checkpoint.load(out)
+  assert tuple(model.patch_size) == (6, 6) and params["embedding"]["kernel"].shape[:2] == (6, 6)
+  images = tiny_model.images()
+  np.testing.assert_allclose(
+      model.apply({"params": params}, _resize_patches(images, (4, 4), (6, 6)), train=False),
+      src_model.apply({"params": src}, images, train=False), rtol=1e-4, atol=1e-4)
+
+  # Another grid too: the source grid is its image over its own patch (16 / 4), resized to 36 / 6.
+  assert convert.main(["--checkpoint", path, "--out", out, "--num_classes", "5", "--image_size", "36",
+                       "--patch_size", "6"]) == 0
+  assert "(1, 17, 32) -> (1, 37, 32) (patch grid 4x4 -> 6x6" in capsys.readouterr().out
+  _, params = checkpoint.load(out)
+  np.testing.assert_allclose(params["Transformer"]["posembed_input"]["pos_embedding"],
+                             convert.resize_posemb(src["Transformer"]["posembed_input"]["pos_embedding"],
+                                                   (6, 6), (4, 4)), rtol=1e-6)
+
+
+def test_convert_command_patch_size_that_does_not_divide_the_image(tmp_path, capsys):
+  from vit_cls import convert
+  src_model, src = _params()
+  path, out = str(tmp_path / "src.npz"), str(tmp_path / "out.npz")
+  checkpoint.save_npz(jax.device_get(src), path, config=src_model, image_size=16)
+  assert convert.main(["--checkpoint", path, "--out", out, "--num_classes", "5", "--image_size", "24",
+                       "--patch_size", "5"]) == 2
+  err = capsys.readouterr().err
+  assert err == "error: patch_size=5 is not allowed: a positive divisor of image_size=24x24.\n"
+  assert not (tmp_path / "out.npz").exists()
+
+
+def test_convert_help_shows_patch_size():
+  """The command as a user runs it (`python -m vit_cls.convert`), from this checkout."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")]
+                                                               if p]))
+  proc = subprocess.run([sys.executable, "-m", "vit_cls.convert", "--help"], capture_output=True,
+                        text=True, env=env, cwd=repo, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert re.search(r"--patch_size PATCH_SIZE\s+target patch size", proc.stdout), proc.stdout
+
+
+def test_init_patch_size_must_divide_the_image():
+  config = _config(init_patch_size=5, init_from="src.npz")
+  with pytest.raises(errors.ConfigError, match=r"^config\.init_patch_size=5 is not allowed: .*"
+                                               r"divisor of config\.image_size=16\.$") as e:
+    train.validate_config(config)
+  assert "\n" not in str(e.value)
+  with pytest.raises(errors.ConfigError, match=r"^config\.init_patch_size=8 is not allowed: None "
+                                               r"without config\.init_from"):
+    train.validate_config(_config(init_patch_size=8))
+  train.validate_config(_config(init_patch_size=8, init_from="src.npz"))
+  assert train.model_kwargs(_config(init_patch_size=8), 3)["patch_size"] == (8, 8)
+  assert train.model_kwargs(_config(), 3)["patch_size"] == (4, 4)
+
+
+def test_check_init_from_with_init_patch_size(tmp_path, monkeypatch):
+  """The train path: without config.init_patch_size another patch size is one line naming it; with it,
+  the source opened by check_init_from is the one initialise_from converts (not read again)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  src_model, src = _params()
+  src = jax.tree.map(lambda x: x + 0.05, src)
+  path = str(tmp_path / "src.npz")
+  checkpoint.save_npz(jax.device_get(src), path, config=src_model, image_size=16)
+  config = _config(image_size=32, init_from=path)
+  config.model.patch_size = (8, 8)
+  with pytest.raises(errors.ConfigError, match=r"^config\.init_from=.* cannot initialise this model: "
+                                               r".*config\.init_patch_size resample it") as e:
+    train.check_init_from(config, train.create_model(config, 5))
+  assert "\n" not in str(e.value)
+  config.model.patch_size = (4, 4)  # the source's; init_patch_size takes its place
+  config.init_patch_size = 8
+  model = train.create_model(config, 5)
+  assert tuple(model.patch_size) == (8, 8)
+  source = train.check_init_from(config, model)
+  monkeypatch.setattr(checkpoint, "_read", None)  # a second read would fail
+  params0 = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  state = train.TrainState(step=0, params=params0, opt_state=None)
+  state = train.initialise_from(state, config, logging.getLogger("test"), model, source)
+  images = tiny_model.images()
+  np.testing.assert_allclose(
+      model.apply({"params": state.params}, _resize_patches(images, (4, 4), (8, 8)), train=False),
+      src_model.apply({"params": src}, images, train=False), rtol=1e-4, atol=1e-4)

@@ -83,3 +83,34 @@ def test_init_from_refuses_a_model_without_the_sources_function_switches(tiny_co
     train.check_init_from(tiny_config, train.create_model(tiny_config, 10))
   tiny_config.model.gelu_approximate = False
   train.check_init_from(tiny_config, train.create_model(tiny_config, 10))  # the same model: accepted
+
+
+def _resize_patches(images, patch: int, new_patch: int):
+  """Every patch of NHWC `images` resized on its own (bilinear, no antialias), the grid kept."""
+  n, h, w, c = images.shape
+  x = images.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  x = jax.vmap(jax.vmap(jax.vmap(lambda p: jax.image.resize(p, (new_patch, new_patch, c), "bilinear",
+                                                            antialias=False))))(x)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // patch * new_patch, w // patch * new_patch, c)
+
+
+def test_convert_dinov2_patch_up_keeps_timms_output(tmp_path, capsys):
+  """The DINOv2 /14 -> /16 case at fixture size: /7 at 28 -> --patch_size 8 at 32 (the 4x4 grid kept,
+  registers, LayerScale, a class token without a position row). On each patch upsampled to 8x8 the
+  converted model gives timm's logits for the original input."""
+  out = tmp_path / "dino_p8.npz"
+  assert convert.main(["--checkpoint", DINO, "--out", str(out), "--num_classes", "5",
+                       "--image_size", "32", "--patch_size", "8"]) == 0
+  assert "embedding/kernel: (7, 7, 3, 24) -> (8, 8, 3, 24) (patch 7x7 -> 8x8" in capsys.readouterr().out
+  loaded = ck.load_with_info(out)
+  assert tuple(loaded.model.patch_size) == (8, 8) and loaded.model.num_registers == 4
+  io = np.load(os.path.join(DINO, "io.npz"))
+  x = np.transpose(io["input"], (0, 2, 3, 1))  # NCHW there, NHWC here
+  got = loaded.model.apply({"params": loaded.params}, _resize_patches(x, 7, 8), train=False)
+  np.testing.assert_allclose(got, io["output"], atol=1e-4)
+  # The assertion can fail: a plainly resized kernel (what FlexiViT replaces) is far from timm's logits.
+  src_kernel = np.asarray(ck.load_with_info(DINO).params["embedding"]["kernel"])
+  naive = dict(loaded.params, embedding=dict(loaded.params["embedding"], kernel=np.asarray(
+      jax.image.resize(src_kernel, (8, 8, 3, 24), "bilinear"))))
+  off = loaded.model.apply({"params": naive}, _resize_patches(x, 7, 8), train=False)
+  assert np.max(np.abs(np.asarray(off) - io["output"])) > 1e-2

@@ -15,6 +15,10 @@ As a command it writes the converted params as a published-format `.npz`:
 
   python -m vit_cls.convert --checkpoint SRC --out DST.npz --num_classes 10 --image_size 384
 
+`--patch_size 16` (training: `config.init_patch_size`) changes the patch size, FlexiViT's way: the patch
+embedding is resampled by `resample_patch_embedding` and the position embeddings resized as above to the
+new grid (e.g. a DINOv2 /14 checkpoint fine-tuned as /16).
+
 Training's `config.init_from` goes through `init_from_checkpoint`; it and `convert_checkpoint` take a path
 or a `CheckpointSource` (`vit_cls.checkpoint.open_source`). Nothing here imports TensorFlow.
 """
@@ -109,6 +113,38 @@ def resize_posemb(posemb, new_grid: tuple[int, int], old_grid: tuple[int, int] |
 
 
 # ----------------------------------------------------------------------------------------------------
+# Patch size (FlexiViT)
+
+
+def _resize_matrix(old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
+  """The linear map of a bilinear image resize old_hw -> new_hw, as a (new_h*new_w, old_h*old_w) matrix
+  (jax.image.resize without antialiasing, as big_vision's FlexiViT uses for its patches)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  n = old_hw[0] * old_hw[1]
+  basis = np.eye(n, dtype=np.float32).reshape((n,) + tuple(old_hw))
+  resized = jax.vmap(lambda b: jax.image.resize(b, tuple(new_hw), "bilinear", antialias=False))(basis)
+  return np.asarray(resized, np.float64).reshape(n, -1).T
+
+
+def resample_patch_embedding(kernel, new_hw) -> np.ndarray:
+  """A (ph, pw, C, D) patch-embedding kernel resampled to patches of `new_hw`, FlexiViT's way.
+
+  FlexiViT (Beyer et al., CVPR 2023; big_vision's `resample_patchemb`): with B the bilinear resize of
+  a patch, the new kernel is `pinv(B^T) w`, the solution that keeps the token of every resized patch
+  equal to the old token of the patch: <B x, pinv(B^T) w> = <x, w> whenever B has full column rank,
+  i.e. when the patch grows. Shrinking it is the least-squares best, not exact. A plain resize of the
+  kernel would change the tokens' scale with the patch area and break the pretrained function.
+  """
+  k = np.asarray(kernel)
+  old_hw, new_hw = tuple(k.shape[:2]), tuple(int(x) for x in new_hw)
+  if old_hw == new_hw:
+    return k
+  pinv = np.linalg.pinv(_resize_matrix(old_hw, new_hw).T)  # (new_n, old_n)
+  flat = k.reshape(old_hw[0] * old_hw[1], -1).astype(np.float64)
+  return (pinv @ flat).reshape(new_hw + k.shape[2:]).astype(k.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Conversion
 
 
@@ -171,6 +207,7 @@ def convert_for_finetuning(
     class_token_position: str = "first",
     src_class_token_posemb: bool = True,
     class_token_posemb: bool = True,
+    resample_patch: bool = False,
 ) -> tuple[dict, ConversionReport]:
   """Source params (any accepted naming) + the target model's fresh init -> (target params, report).
 
@@ -181,7 +218,9 @@ def convert_for_finetuning(
   position-embedding row (e.g. for a `gap` target); one only in the target keeps the target's fresh
   values. Source values are cast to the target's dtypes; target values that are kept (fresh head, ...)
   are passed through untouched. Raises ValueError naming the parameter and both shapes on any other
-  disagreement.
+  disagreement. `resample_patch=True` lets the source have another patch size: its patch embedding is
+  resampled to `patch_size` (`resample_patch_embedding`) and the position embeddings resized to the new
+  grid (for the source grid, `src_image_size` is divided by the source's patch size).
   """
   src = ckpt_lib.flatten(ckpt_lib.to_linen_naming(ckpt_lib.plain(dict(src_params))))
   tgt = ckpt_lib.flatten(ckpt_lib.plain(dict(target_init_params)))
@@ -193,15 +232,30 @@ def convert_for_finetuning(
   def shape(x):
     return tuple(np.shape(x))
 
-  # Patch embedding: the same patch size on both sides, or the grids below are meaningless.
+  # Patch embedding: the same patch size on both sides, or the grids below are meaningless; with
+  # `resample_patch` the source's kernel is resampled to the target's patch first (FlexiViT).
   ph, pw = _as_grid(patch_size, "patch_size")
+  src_patch = (ph, pw)
+  resampled = set()  # reported under "resized", not "kept"
   for side, flat in (("source checkpoint", src), ("target model", tgt)):
     k = flat.get("embedding/kernel")
     if k is None:
       raise ValueError(f"the {side} has no 'embedding/kernel': not a ViT parameter tree.")
+    if side == "source checkpoint" and resample_patch and len(shape(k)) == 4:
+      src_patch = shape(k)[:2]
+      continue
     if shape(k)[:2] != (ph, pw):
+      hint = (" (--patch_size / config.init_patch_size resample it, FlexiViT-style)"
+              if side == "source checkpoint" else "")
       raise ValueError(f"parameter 'embedding/kernel' has patch size {shape(k)[:2]} in the {side} "
-                       f"but patch_size={(ph, pw)} was asked for.")
+                       f"but patch_size={(ph, pw)} was asked for{hint}.")
+  if src_patch != (ph, pw):
+    old_kernel = src["embedding/kernel"]
+    src = dict(src, **{"embedding/kernel": resample_patch_embedding(old_kernel, (ph, pw))})
+    resampled.add("embedding/kernel")
+    report.resized.append(("embedding/kernel", shape(old_kernel), shape(src["embedding/kernel"]),
+                           f"patch {src_patch[0]}x{src_patch[1]} -> {ph}x{pw}, FlexiViT "
+                           f"pseudo-inverse of the bilinear patch resize"))
 
   # Replaceable modules: all-or-nothing, so a head never mixes a kept bias with a fresh kernel.
   keep_module = {}
@@ -254,19 +308,20 @@ def convert_for_finetuning(
     if k == POSEMB:
       out[k] = _convert_posemb(src, tgt, report, (ph, pw), image_size, src_image_size,
                                src_class_token_position, class_token_position,
-                               src_class_token_posemb, class_token_posemb)
+                               src_class_token_posemb, class_token_posemb, src_patch=src_patch)
       continue
     if shape(src[k]) != shape(t):
       raise ckpt_lib.shape_mismatch_error(
           k, shape(src[k]), shape(t), **mismatch,
           hint="the checkpoint is another architecture; fine-tune a model built with its config")
     out[k] = np.asarray(src[k]).astype(t.dtype)
-    report.kept.append(k)
+    if k not in resampled:
+      report.kept.append(k)
   return ckpt_lib.unflatten(out), report
 
 
 def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos, tgt_pos,
-                    src_class_row=True, tgt_class_row=True):
+                    src_class_row=True, tgt_class_row=True, src_patch=None):
   """The position-embedding part of `convert_for_finetuning` (class row aside, grid resized)."""
   s, t = np.asarray(src[POSEMB]), tgt[POSEMB]
   s_shape, t_shape = tuple(np.shape(s)), tuple(np.shape(t))
@@ -285,7 +340,8 @@ def _convert_posemb(src, tgt, report, patch, image_size, src_image_size, src_pos
   else:
     s_grid_rows = s
   n_src, n_tgt = s_grid_rows.shape[1], t_shape[1] - (1 if t_cls else 0)
-  old_grid = (_grid_from_image(src_image_size, patch, "src_image_size") if src_image_size is not None
+  old_grid = (_grid_from_image(src_image_size, src_patch or patch, "src_image_size")
+              if src_image_size is not None
               else _square_grid(n_src, "source checkpoint"))
   new_grid = (_grid_from_image(image_size, patch, "image_size") if image_size is not None
               else _square_grid(n_tgt, "target model"))
@@ -338,13 +394,15 @@ def source_switches(meta: Mapping | None) -> dict:
 
 def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image_size=None,
                          reset_head: bool = False, class_token_position: str = "first",
-                         model=None):
+                         model=None, resample_patch: bool = False):
   """Training's `config.init_from`: convert a `CheckpointSource` (or any path `open_source` opens).
 
   The source's image size, class-token position and switches come from its stored config when it has
   one (a published `.npz` has none: square grid, class token first, the original ViT). `model` (the
   VisionTransformer being fine-tuned), when given, must have the source's SOURCE_SWITCHES: a mismatch
   is one error line listing the `--config.model.*` flags to add. The report notes the switches either way.
+  `resample_patch` (training's `config.init_patch_size`): a source of another patch size is resampled
+  to `patch_size` (FlexiViT; see `convert_for_finetuning`).
   """
   # A timm / HF file that does not say its heads (no config, a name timm's table lacks) is split into
   # the heads of the model being fine-tuned: the attention kernels' shapes must match those anyway.
@@ -370,7 +428,8 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
       src_image_size=src_image_size, reset_head=reset_head,
       src_class_token_position=src_model.get("class_token_position", "first"),
       class_token_position=class_token_position,
-      src_class_token_posemb=switches.get("class_token_posemb", True), class_token_posemb=tgt_class_row)
+      src_class_token_posemb=switches.get("class_token_posemb", True), class_token_posemb=tgt_class_row,
+      resample_patch=resample_patch)
   _add_source_notes(report, source)
   return params, report
 
@@ -416,11 +475,13 @@ def _representation_arg(text: str):
 
 def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, representation_size=None,
                        pool: str | None = None, reset_head: bool = False, seed: int = 0,
-                       num_heads: int | None = None):
+                       num_heads: int | None = None, patch_size: int | None = None):
   """What the command does: open `checkpoint` (a path or a `CheckpointSource`), build the target model,
   init it, convert, write `out` (.npz).
 
   `num_heads`: for a timm / HF checkpoint that does not say its heads (see `vit_cls.formats.read`).
+  `patch_size`: the target's patch size, when it differs from the source's (FlexiViT resample of the
+  patch embedding, see `resample_patch_embedding`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -434,13 +495,20 @@ def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, represe
                        representation_size=representation_size, scan_layers=False)
   if pool is not None:
     target_config["pool"] = pool
-  model = ckpt_lib.build_model(target_config)
   h, w = ckpt_lib.hw(image_size)
+  if patch_size is not None:
+    # Checked here: the model would otherwise drop the image's last partial row and column of patches.
+    if int(patch_size) < 1 or h % int(patch_size) or w % int(patch_size):
+      raise ValueError(f"patch_size={patch_size} is not allowed: a positive divisor of "
+                       f"image_size={h}x{w}.")
+    target_config["patch_size"] = [int(patch_size), int(patch_size)]
+  model = ckpt_lib.build_model(target_config)
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, h, w, 3), jnp.float32), train=False))
   target = init(jax.random.key(seed))["params"]
   params, report = init_from_checkpoint(source, target, patch_size=tuple(model.patch_size),
                                         image_size=(h, w), reset_head=reset_head,
-                                        class_token_position=model.class_token_position, model=model)
+                                        class_token_position=model.class_token_position, model=model,
+                                        resample_patch=patch_size is not None)
   # The architecture goes into the file, so that loading it rebuilds this model (pooling, switches).
   ckpt_lib.save_npz(params, out, config=target_config, image_size=image_size)
   return params, report
@@ -466,12 +534,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--verbose", action="store_true", help="list every kept parameter")
   parser.add_argument("--num_heads", type=int, default=None,
                       help="attention heads of a timm / HF source that does not say them")
+  parser.add_argument("--patch_size", type=int, default=None,
+                      help="target patch size (default: the source's); another one resamples the "
+                           "patch embedding FlexiViT-style (pseudo-inverse resize)")
   args = parser.parse_args(argv)
   try:
     _, report = convert_checkpoint(
         args.checkpoint, args.out, num_classes=args.num_classes, image_size=args.image_size,
         representation_size=args.representation_size, pool=args.pool, reset_head=args.reset_head,
-        seed=args.seed, num_heads=args.num_heads)
+        seed=args.seed, num_heads=args.num_heads, patch_size=args.patch_size)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -76,9 +76,14 @@ CheckpointError = errors.CheckpointError
 
 
 def model_kwargs(config, num_classes: int) -> dict:
-  """`VisionTransformer` keyword arguments from `config.model`, with the dataset's number of classes."""
+  """`VisionTransformer` keyword arguments from `config.model`, with the dataset's number of classes
+  (and `config.init_patch_size`, when set, as the patch size)."""
   fields = {k: v for k, v in config.model.to_dict().items() if k not in _NON_ARCHITECTURE_FIELDS}
   fields["patch_size"] = tuple(fields["patch_size"])
+  # FlexiViT: a fine-tuning run at another patch size than its config.init_from checkpoint (the patch
+  # embedding is resampled to it, vit_cls/convert.py); the checkpoint meta records this model's size.
+  if config.get("init_patch_size"):
+    fields["patch_size"] = (int(config.init_patch_size),) * 2
   fields["num_classes"] = num_classes
   return fields
 
@@ -530,8 +535,18 @@ def validate_config(config, num_devices: int | None = None, num_processes: int |
   if not isinstance(config.image_size, int) or config.image_size < 1:
     bad("image_size", "a positive integer")
   input_pipeline.check_preprocessing(config)
+  # FlexiViT: init_patch_size replaces config.model.patch_size, so it is checked in its place.
+  init_patch = config.get("init_patch_size")
+  if init_patch is not None:
+    if (isinstance(init_patch, bool) or not isinstance(init_patch, int) or init_patch < 1
+        or config.image_size % init_patch):
+      bad("init_patch_size", f"None (config.model.patch_size) or a positive divisor of "
+                             f"config.image_size={config.image_size}")
+    if not config.get("init_from"):
+      bad("init_patch_size", "None without config.init_from (it is the patch size that "
+                             "config.init_from's patch embedding is resampled to)")
   patch = tuple(config.model.patch_size)
-  if config.image_size % patch[0] or config.image_size % patch[1]:
+  if not init_patch and (config.image_size % patch[0] or config.image_size % patch[1]):
     raise errors.ConfigError(f"config.image_size={config.image_size} is not divisible by "
                      f"config.model.patch_size={patch}: use a multiple of the patch size.")
   try:
@@ -728,8 +743,9 @@ def initialise_from(state: TrainState, config, logger, model=None, source=None) 
   params, report = convert.init_from_checkpoint(
       config.init_from if source is None else source,
       checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
-      patch_size=tuple(config.model.patch_size), image_size=config.image_size,
-      class_token_position=config.model.class_token_position, model=model)
+      patch_size=model_kwargs(config, 1)["patch_size"], image_size=config.image_size,
+      class_token_position=config.model.class_token_position, model=model,
+      resample_patch=bool(config.get("init_patch_size")))
   if config.model.get("scan_layers", False):
     params = checkpoint.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
@@ -755,10 +771,10 @@ def check_init_from(config, model):
     source = checkpoint.open_source(path, what="config.init_from",
                                      num_heads_fallback=int(model.num_heads))
     convert.init_from_checkpoint(source, checkpoint.scan_to_unrolled(stand_ins),
-                                 patch_size=tuple(config.model.patch_size),
+                                 patch_size=model_kwargs(config, 1)["patch_size"],
                                  image_size=config.image_size,
                                  class_token_position=config.model.class_token_position,
-                                 model=model)
+                                 model=model, resample_patch=bool(config.get("init_patch_size")))
   except checkpoint.CheckpointNotFound:
     raise errors.ConfigError(
         f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
