@@ -58,4 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   # of model.patch_size; init_from's patch embedding is resampled to it (pseudo-inverse of the bilinear
   # patch resize, exact when the patch grows) and its position embeddings to the new grid. None: off.
   config.init_patch_size = ml_collections.config_dict.placeholder(int)
+  # Evaluators beyond accuracy (vit_cls/evaluators.py; configs/default.py documents each field), run at
+  # every evaluation on the frozen pre-logits features: few-shot ridge regression and kNN. Off while
+  # `datasets` is empty.
+  config.feature_eval = ml_collections.ConfigDict(dict(
+      datasets=(), train_split="train", eval_split="test", shots=(1, 5, 10, 25), l2_reg=2.0**10,
+      num_seeds=3, seed=0, knn_k=(20,), knn_temperature=0.07))
   return config

@@ -60,4 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping (log_every 100, checkpoint_every 1,000, keep_checkpoints 3: configs/base.py).
   config.eval_every = 500
+
+  # Few-shot and kNN evaluation (vit_cls/evaluators.py; docs/training.md), off here as in every recipe:
+  # feature_eval.datasets=() (configs/base.py). `--config.feature_eval.datasets=digits` adds to every
+  # evaluation, from the frozen pre-logits features, fewshot_digits_{1,5,10,25}shot (ridge regression
+  # on k train images per class, big_vision's convention, mean of num_seeds draws) and
+  # knn_digits_20nn_top1 / _top5 (DINO's weighted vote of the 20 most cosine-similar train images):
+  # about 1-2 s per evaluation on 2 CPU cores, plus ~8 s once (compile, pipelines). Its fields, at
+  # configs/base.py's values:
+  #   datasets=()             names as for config.dataset: digits, a TFDS name, imagefolder:PATH
+  #   train_split="train"     the support set (the shots, the kNN neighbours); TFDS slices work
+  #   eval_split="test"       the queries that are scored
+  #   shots=(1, 5, 10, 25)    examples per class; () = no few-shot
+  #   l2_reg=2.0**10          the ridge regression's L2 strength (big_vision's)
+  #   num_seeds=3, seed=0     draws of the shots, from their own seed (not config.seed)
+  #   knn_k=(20,)             neighbours; () = no kNN
+  #   knn_temperature=0.07    each neighbour's vote is exp(cosine / T)
   return config

@@ -308,14 +308,18 @@ class EvalDataset:
 
 
 def create_eval_dataset(config, *, process_index: int | None = None,
-                        process_count: int | None = None) -> EvalDataset:
-  """The eval split for `create_eval_iterator`, built once per run (see EvalDataset)."""
+                        process_count: int | None = None, split: str | None = None) -> EvalDataset:
+  """The eval split for `create_eval_iterator`, built once per run (see EvalDataset).
+
+  `split`: another split of the dataset read the same way (eval preprocessing, every example once, the
+  last batch padded and masked); the few-shot and kNN evaluators read their support set like this.
+  """
   process_index, process_count = _process(process_index, process_count)
   eval_batch = _eval_batch_size(config)
   check_batch_divisibility(eval_batch, _device_count(), process_count, "eval_batch_size")
   local_batch = eval_batch // process_count
   source = _make_source(config)
-  split = _eval_split(config)
+  split = split or _eval_split(config)
   largest = max(source.count(split, i, process_count) for i in range(process_count))
   num_batches = -(-largest // local_batch)
   part = source.read(split, process_index, process_count, shuffle_seed=None)
@@ -333,6 +337,21 @@ def create_eval_dataset(config, *, process_index: int | None = None,
   ds = ds.concatenate(pad).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
   return EvalDataset(ds, num_batches, part.files)
+
+
+def label_counts(config, split: str, *, process_index: int | None = None,
+                 process_count: int | None = None) -> np.ndarray:
+  """Examples per class (int64 [num_classes]) in this process's slice of `split`, read without decoding
+  a single image (an image folder's labels come from its listing; a TFDS split's records are read once).
+  The few-shot evaluator checks its shot counts against these before training starts."""
+  process_index, process_count = _process(process_index, process_count)
+  source = _make_source(config)
+  part = source.read(split, process_index, process_count, shuffle_seed=None)
+  counts = np.zeros(source.info.num_classes, np.int64)
+  labels = part.examples.map(lambda ex: ex["label"]).batch(8192)
+  for batch in labels.as_numpy_iterator():
+    counts += np.bincount(batch, minlength=source.info.num_classes)[:source.info.num_classes]
+  return counts
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from vit_cls import checkpoint
 from vit_cls import errors
+from vit_cls import evaluators
 from vit_cls import input_pipeline
 from vit_cls import manifest
 from vit_cls import metrics_log
@@ -545,6 +546,7 @@ def validate_config(config, num_devices: int | None = None, num_processes: int |
     if not config.get("init_from"):
       bad("init_patch_size", "None without config.init_from (it is the patch size that "
                              "config.init_from's patch embedding is resampled to)")
+  evaluators.check_config(config)  # config.feature_eval: few-shot and kNN
   patch = tuple(config.model.patch_size)
   if not init_patch and (config.image_size % patch[0] or config.image_size % patch[1]):
     raise errors.ConfigError(f"config.image_size={config.image_size} is not divisible by "
@@ -831,6 +833,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   logger = metrics_log.MetricsLogger(workdir, config.total_steps, enabled=is_chief)
   mesh = sharding.create_mesh()
   model = create_model(config, info.num_classes)
+  # Few-shot and kNN (config.feature_eval; None when off): their datasets are checked and opened here,
+  # before anything compiles or a checkpoint is read.
+  feature_eval = evaluators.create(config, model, mesh)
   tx, schedule = optim.create_optimizer(config)
   mngr = Checkpoints(workdir, config)
   source = None  # config.init_from, opened and checked once, before the first compile
@@ -902,8 +907,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if step % config.eval_every == 0 or last:
         flush_train_metrics(step)
         eval_metrics = evaluate(state.params, eval_fn, eval_data, mesh)
+        if feature_eval is not None:  # fewshot_* and knn_* fields in the same record
+          eval_metrics.update(feature_eval.run(state.params))
         logger.write(step, "eval", eval_metrics)
-        logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}")
+        took = f"  (few-shot/kNN {feature_eval.seconds:.1f} s)" if feature_eval is not None else ""
+        logger.info(f"eval at step {step}: {_format_eval(eval_metrics)}{took}")
       if step % config.checkpoint_every == 0 or last or stop:
         flush_train_metrics(step)  # never save a state whose steps have not been checked finite
         logger.sync()  # a gs:// metrics file: uploaded up to the step being saved
