@@ -165,6 +165,35 @@ def test_bad_datasets_fail_before_training_in_one_line(tiny_config, overrides, m
   assert "\n" not in str(e.value)
 
 
+def _colour_folder(root):
+  """An image folder of 3 solid-colour classes: 6 train and 2 test PNGs each."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+  for split, count in (("train", 6), ("test", 2)):
+    for cls, rgb in colours.items():
+      (root / split / cls).mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(np.full((10 + i, 12, 3), rgb, np.uint8)).save(root / split / cls / f"{i}.png")
+  return f"imagefolder:{root}"
+
+
+def test_image_folder_shot_count_checked_against_its_classes(tiny_config, tmp_path):
+  tiny_config.feature_eval.update(dict(datasets=(_colour_folder(tmp_path / "Colours"),), shots=(7,)))
+  with pytest.raises(errors.ConfigError, match=r"^config\.feature_eval\.shots=\(7,\): .* class "
+                                               r"'blue' of 'imagefolder:.*Colours' has 6 in split 'train'"):
+    _evaluator(tiny_config)
+
+
+@pytest.mark.slow
+def test_image_folder_by_name(tiny_config, tmp_path):
+  tiny_config.feature_eval.update(dict(datasets=(_colour_folder(tmp_path / "Colours"),), shots=(1, 2),
+                                       knn_k=(3,), num_seeds=2))
+  scores = _evaluator(tiny_config).run(_init_params(tiny_config))
+  assert sorted(scores) == ["fewshot_colours_1shot", "fewshot_colours_2shot", "knn_colours_3nn_top1"]
+  assert scores["knn_colours_3nn_top1"] == 1.0  # each query has 6 identical images of its class
+  assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
 # ----------------------------------------------------------------------------------------------------
 # On the digits.
 
@@ -176,20 +205,28 @@ def _init_params(config, seed=0):
   return jax.device_put(params, sharding.replicated(sharding.create_mesh()))
 
 
+@pytest.mark.slow  # 37 s on 2 shared cores under load (the compiles, the pipelines)
 def test_digits_scores_are_deterministic_for_a_seed(tiny_config):
   tiny_config.feature_eval.update(dict(datasets=("digits",), shots=(1, 5), num_seeds=1))
   params = _init_params(tiny_config)
-  first = _evaluator(tiny_config).run(params)
+  evaluator = _evaluator(tiny_config)
+  first = evaluator.run(params)
   assert sorted(first) == ["fewshot_digits_1shot", "fewshot_digits_5shot", "knn_digits_20nn_top1",
                            "knn_digits_20nn_top5"]
-  assert _evaluator(tiny_config).run(params) == first  # a new evaluator, the same numbers
-  tiny_config.feature_eval.seed = 1
-  other = _evaluator(tiny_config).run(params)
-  assert other["fewshot_digits_1shot"] != first["fewshot_digits_1shot"]  # another draw of the shots
-  assert other["knn_digits_20nn_top1"] == first["knn_digits_20nn_top1"]  # kNN draws nothing
+  assert evaluator.run(params) == first  # features recomputed, the shots drawn again: the same numbers
+  # Another seed draws other shots (kNN draws nothing).
+  ds = evaluator._datasets[0]  # pylint: disable=protected-access
+  support, query = evaluator.features(params, ds.support), evaluator.features(params, ds.query)
+  def fewshot(seed):
+    return evaluators.fewshot_accuracies(*support, *query, 10, shots=(1, 5), l2_reg=2.0**10,
+                                         num_seeds=1, seed=seed)
+  assert fewshot(0) == {1: first["fewshot_digits_1shot"], 5: first["fewshot_digits_5shot"]}
+  assert fewshot(1)[1] != fewshot(0)[1]
 
 
+@pytest.mark.slow
 def test_fields_in_the_eval_records_of_a_run(tiny_config, tmp_path):
+  """train_and_evaluate: the fields in metrics.jsonl and in the metrics it returns (12 steps)."""
   tiny_config.feature_eval.update(dict(datasets=("digits",), shots=(1, 5), num_seeds=1))
   final = train.train_and_evaluate(tiny_config, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:

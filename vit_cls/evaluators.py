@@ -265,6 +265,15 @@ def _features_step(params, batch, *, model):
   return features.astype(jnp.float32), batch["label"], batch["mask"]
 
 
+@functools.lru_cache(maxsize=8)
+def _features_fn(model, mesh, fsdp: bool):
+  """The jitted features step: one per (model, mesh, fsdp), so that evaluators built again for the same
+  model (a resumed run in the same process, the tests) reuse its compile."""
+  step_model = sharding.BatchShardedModel(model, mesh) if fsdp else model
+  return jax.jit(functools.partial(_features_step, model=step_model),
+                 out_shardings=sharding.replicated(mesh))
+
+
 @dataclasses.dataclass
 class _Dataset:
   name: str
@@ -294,11 +303,7 @@ class FeatureEvaluator:
     self._num_seeds = int(group.num_seeds)
     self._seed = int(group.seed)
     self._temperature = float(group.knn_temperature)
-    step_model = feature_model(model)
-    if config.get("fsdp", False):
-      step_model = sharding.BatchShardedModel(step_model, mesh)
-    self._features_fn = jax.jit(functools.partial(_features_step, model=step_model),
-                                out_shardings=sharding.replicated(mesh))
+    self._features_fn = _features_fn(feature_model(model), mesh, bool(config.get("fsdp", False)))
     self._datasets = [self._open(config, name, group) for name in _names(group.datasets)]
     self.seconds = 0.0  # the last `run`'s wall time
 
