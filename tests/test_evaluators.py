@@ -205,7 +205,7 @@ def _init_params(config, seed=0):
   return jax.device_put(params, sharding.replicated(sharding.create_mesh()))
 
 
-@pytest.mark.slow  # 37 s on 2 shared cores under load (the compiles, the pipelines)
+@pytest.mark.slow  # 8-37 s on 2 shared cores, with the load and the compile cache (the pipelines, compiles)
 def test_digits_scores_are_deterministic_for_a_seed(tiny_config):
   tiny_config.feature_eval.update(dict(datasets=("digits",), shots=(1, 5), num_seeds=1))
   params = _init_params(tiny_config)
