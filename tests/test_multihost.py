@@ -291,8 +291,8 @@ def _dry_run(script, *args, expect_rc=0):
 
 def test_gpu_launcher_dry_run_prints_one_process_per_host():
   out = _dry_run("launch_gpu.py", "--hosts=gpu-0,gpu-1,gpu-2", "--port=4321", "--repo_dir=/shared/vit",
-                 "--env", "NCCL_DEBUG=WARN", "--dry-run", "--", "--config=configs/default.py",
-                 "--workdir=/shared/run").stdout
+                 "--env", "NCCL_DEBUG=WARN", "--skip_fit_check", "--dry-run", "--",
+                 "--config=configs/default.py", "--workdir=/shared/run").stdout
   lines = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
   assert len(lines) == 3
   for i, cmd in enumerate(lines):

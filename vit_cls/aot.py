@@ -23,8 +23,8 @@ roofline below is an upper bound from the vendors' peak figures (vit_cls/chips.p
 
 The JSON (`--json`) holds at least: target, chips, chip_kind, per_chip_bytes (the train step's total),
 chip_memory_bytes, fits, flops_per_chip (compiled), analytic_flops_per_chip, compile_seconds, and for GPU
-targets attention_kernel. Launchers rely on that contract (`scripts/launch_tpu.py` reads `fits`);
-`check_fits(config, target)` returns the same dict in-process.
+targets attention_kernel. Launchers rely on that contract (`scripts/launch_tpu.py` and
+`scripts/launch_gpu.py` read `fits`); `check_fits(config, target)` returns the same dict in-process.
 """
 
 from __future__ import annotations
