@@ -298,7 +298,8 @@ def fit_check(args, train_args) -> str | None:
   numbers = (f"{_gib(needed)} per GPU needed, {_gib(memory * fraction)} usable of the GPU's "
              f"{_gib(memory)} ({MEM_FRACTION}={fraction:g}) on {fit.get('target', args.target)}")
   if not fits:
-    larger_share = f" or --env={MEM_FRACTION}=0.9" if fraction < 0.9 else ""
+    # A larger preallocated share, only where it is the whole answer (JAX and CUDA keep the rest).
+    larger_share = f" or --env={MEM_FRACTION}=0.9" if needed <= 0.9 * memory and fraction < 0.9 else ""
     return (f"does not fit: {numbers}; try --config.fsdp=True, --config.model.remat_policy=block, "
             f"--config.accum_steps, more GPUs{larger_share} {SKIP_HINT}")
   print(f"launch_gpu: fits: {numbers}", file=sys.stderr)
