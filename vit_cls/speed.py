@@ -82,6 +82,66 @@ def padded_attention(q: Array, k: Array, v: Array, *, causal: bool, implementati
   return out[:, :t]
 
 
+def pallas_attention(q: Array, k: Array, v: Array, *, kernel: str = "flash", causal: bool = False,
+                     block: int = 128) -> Array:
+  """One of jax's Pallas TPU attention kernels over [b, t, heads, hd] arrays, any token count.
+
+  `kernel`: "flash" (`jax.experimental.pallas.ops.tpu.flash_attention`) or "splash"
+  (`...splash_attention`, the batch folded into its heads). Both tile the tokens in blocks of 128 (the kv block must
+  be a multiple of the TPU's 128 lanes), so an odd length (197, 577, 1,370) is padded to a multiple of
+  `block` and the padded keys are masked: flash through segment ids (real tokens 1, padding 0), splash
+  through a static mask (key < t, and causal if asked). The padded query rows are cut off, so outputs
+  and gradients are the unpadded ones.
+
+  On a CPU the kernels run only in Pallas's TPU interpret mode (slow; for tests): trace the whole forward
+  and backward computation inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (the kernels'
+  backward passes are traced with the gradient, so a context around this call alone would miss them).
+
+  Not a path of `attention`: no `attention_impl` takes it yet. Compiled for one TPU chip, splash needs
+  fewer temporaries than the explicit product from 577 tokens on, more at 197 (BENCHMARKS.md, "Pallas
+  attention on TPU"); and a Mosaic kernel cannot be partitioned by XLA ("Mosaic kernels cannot be
+  automatically partitioned. Please wrap the call in a shard_map."), so in a step whose batch is
+  sharded over several chips this call has to sit inside a `shard_map` over the batch axis, which needs
+  the mesh when the model is traced.
+  """
+  b, t, h, d = q.shape
+  tp = -(-t // block) * block
+  heads_first = lambda a: jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+  qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+  scale = 1.0 / math.sqrt(d)
+  if kernel == "flash":
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
+    segments = None
+    if tp != t:
+      ids = jnp.broadcast_to((jnp.arange(tp) < t).astype(jnp.int32), (b, tp))
+      segments = fa.SegmentIds(q=ids, kv=ids)
+    sizes = fa.BlockSizes(**{f: block for f in (
+        "block_q", "block_k_major", "block_k", "block_q_major_dkv", "block_k_major_dkv", "block_k_dkv",
+        "block_q_dkv", "block_k_major_dq", "block_k_dq", "block_q_dq")}, block_b=1)
+    out = fa.flash_attention(qh, kh, vh, segment_ids=segments, causal=causal, sm_scale=scale,
+                             block_sizes=sizes)
+  elif kernel == "splash":
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    allowed = np.broadcast_to(np.arange(tp)[None, :] < t, (tp, tp))
+    if causal:
+      allowed = allowed & (np.arange(tp)[None, :] <= np.arange(tp)[:, None])
+    # The batch is folded into the heads (one kernel call over b * heads): a vmapped splash kernel
+    # does not run in Pallas's TPU interpret mode (jax 0.10.2: its grid gains a dimension that the
+    # interpreter's dimension semantics do not), and folding is the same computation on a TPU.
+    mask = sm.MultiHeadMask([sm.NumpyMask(allowed)] * (b * h))
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                          block_kv_dq=block)
+    fn = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1)
+    fold = lambda a: a.reshape(b * h, tp, d)
+    out = fn(fold(qh * jnp.asarray(scale, qh.dtype)), fold(kh), fold(vh)).reshape(b, h, tp, d)
+  else:
+    raise ValueError(f"kernel={kernel!r}: 'flash' or 'splash'")
+  return jnp.swapaxes(out[:, :, :t], 1, 2)
+
+
 def tokens_first(impl: str, dtype) -> bool:
   """Whether `impl` computes attention through `jax.nn.dot_product_attention` ([b, t, heads, hd] arrays)."""
   return impl in ("cudnn", "xla") or (impl == "fused" and _use_cudnn(dtype))
