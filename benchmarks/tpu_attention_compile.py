@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vit_cls import aot  # pylint: disable=g-import-not-at-top
 
 # name: (heads, head_dim, description)
-MODELS = {"B16": (12, 64, "ViT-B/16"), "L16": (16, 64, "ViT-L/16"), "L14r": (16, 64, "DINOv2 L/14 + 4 registers")}
-DEFAULT_SHAPES = "B16:197,B16:577,L16:577,L14r:1374"
+MODELS = {"B16": (12, 64, "ViT-B/16"), "L16": (16, 64, "ViT-L/16"), "L14": (16, 64, "DINOv2 L/14")}
+# DINOv2 L/14 at 518 px: 1,369 patches + the class token = 1,370 tokens; 1,374 with its 4 registers.
+DEFAULT_SHAPES = "B16:197,B16:577,L16:577,L14:1370,L14:1374"
 IMPLS = ("explicit", "xla", "flash", "splash")
 
 
