@@ -8,6 +8,7 @@ v5e takes seconds, not minutes.
 
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ from vit_cls import speed
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
+# CI's libtpu stage sets this, so that a libtpu that failed to install fails there instead of skipping.
+if os.environ.get("VIT_CLS_TESTS_NEED_LIBTPU") == "1" and not HAS_LIBTPU:
+  raise RuntimeError("VIT_CLS_TESTS_NEED_LIBTPU=1 but libtpu is not importable: pip install -r requirements-tpu.txt")
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (requirements-tpu.txt)")
 needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN,
                                        reason="CUDA plugin not installed (requirements-gpu.txt)")
