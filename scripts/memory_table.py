@@ -4,6 +4,8 @@
     python scripts/memory_table.py --models=L/16 --resolutions=384 --batches=32 --json=/tmp/l16.json
     python scripts/memory_table.py --platform=gpu --devices=1 --fsdp=false   # a real accelerator
     python scripts/memory_table.py --from_json=a.json,b.json         # print a table from saved runs
+    python scripts/memory_table.py --target=h100:1 --fsdp_target=h100:4 --json=docs/memory_gpu.json
+    python scripts/memory_table.py --target=v5e:1x1 --fsdp_target=v5e:2x2 --json=docs/memory_tpu.json
 
 For each model x resolution x per-device batch x remat x fsdp, the train step of `vit_cls.train` (AdamW
 with global-norm clipping, float32 parameters and optimizer state, bfloat16 matmuls by default) is
@@ -19,6 +21,17 @@ runs cuDNN flash attention with no [tokens x tokens] buffers, so the CPU numbers
 memory (about 2x against the H200 compiler, docs/memory.md). --platform=gpu or tpu measures the real
 compiler on the devices present (replicated data parallelism needs only one: its per-device memory does
 not depend on the device count).
+
+--target=CHIP:TOPOLOGY compiles each cell for a TPU slice or GPU node this machine does not have, with
+that chip's own compiler (libtpu, or XLA's GPU compiler with the CUDA plugin), through
+`vit_cls.aot.check_fits`: the step is train.py's own (`build_steps`) for configs/pretrain_imagenet.py's
+recipe (dropout 0.1, AdamW, clipping, bfloat16) at the cell's model, resolution, remat and fsdp, with a
+global batch of batch-per-chip x chips. Replicated cells compile on --target (one chip is enough: the
+per-chip memory of replicated data parallelism does not depend on the chip count), fsdp cells on
+--fsdp_target (several chips; fsdp shards the state over all of them). Each record keeps per-chip bytes,
+the compiled FLOPs (XLA's cost analysis; on GPU that of the lowered program, see vit_cls/aot.py) and the
+analytic matmul FLOPs, with attention's share of the latter. A compile gives memory and FLOPs, never a
+speed. A cell the TPU compiler refuses for lack of HBM is recorded with what the refusal says it needs.
 """
 
 from __future__ import annotations
@@ -56,6 +69,14 @@ def _parse():
   p.add_argument("--platform", default="cpu", help="cpu (simulated devices), gpu or tpu (real ones)")
   p.add_argument("--json", default=None, help="also write the raw numbers here (after every compile)")
   p.add_argument("--from_json", default=None, help="comma-separated JSON files: print their table")
+  p.add_argument("--target", default=None,
+                 help="compile for this TPU slice or GPU node (vit_cls.aot names: v5e:1x1, v5e:2x2, "
+                      "h100:1, h100:4, ...) with its own compiler instead of --platform's devices")
+  p.add_argument("--fsdp_target", default=None,
+                 help="the slice or node for fsdp cells (default: --target); fsdp shards over its chips")
+  p.add_argument("--cells", default=None,
+                 help="with --target: only these cells, ';'-separated MODEL/RES/BATCH/REMAT/FSDP, e.g. "
+                      "'B/16/224/16/none/false;H/14/392/64/block/true' (in this order)")
   return p.parse_args()
 
 
@@ -64,6 +85,16 @@ def _setup_jax(args):
     os.environ["JAX_PLATFORMS"] = "cpu"
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+  sys.path.insert(0, _REPO)
+  try:
+    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    _stand_ins_for_data_modules()
+
+
+def _setup_jax_imports_only():
+  """--target: vit_cls.aot keeps the process on the CPU itself; only the stand-ins may be needed."""
   sys.path.insert(0, _REPO)
   try:
     import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -153,6 +184,164 @@ def measure(model_name, resolution, remat, fsdp, per_device_batch, args, mesh) -
           "peak_bytes": peak, "compile_s": round(seconds, 1)}
 
 
+def target_config(model_name: str, resolution: int, remat: str, fsdp: bool, per_chip_batch: int,
+                  chips: int):
+  """configs/pretrain_imagenet.py's recipe for one cell (as train.py would run it)."""
+  sys.path.insert(0, _REPO)
+  from configs import pretrain_imagenet  # pylint: disable=g-import-not-at-top
+  config = pretrain_imagenet.get_config(f"{model_name},imagenet2012")
+  patch = config.model.patch_size[0]
+  config.image_size = resolution // patch * patch
+  config.model.remat_policy = remat
+  config.fsdp = fsdp
+  config.batch_size = config.eval_batch_size = per_chip_batch * chips
+  return config
+
+
+def attention_share(model_name: str, resolution: int) -> float:
+  """Attention's (q k^T and p v) share of the analytic forward matmul FLOPs (vit_cls.aot's count)."""
+  sys.path.insert(0, _REPO)
+  from vit_cls import aot, variants  # pylint: disable=g-import-not-at-top
+  f = dict(variants.variant(model_name), num_classes=1000)
+  f["representation_size"] = f["hidden_size"]
+  patch = f["patch_size"][0]
+  res = resolution // patch * patch
+  tokens = (res // patch) ** 2 + 1
+  attention = 2.0 * f["num_layers"] * 2 * tokens * tokens * f["hidden_size"]
+  return attention / aot.analytic_forward_flops(f, res)
+
+
+def measure_target(model_name, resolution, remat, fsdp, per_chip_batch, target) -> dict:
+  """One cell compiled by the target's own compiler (vit_cls.aot.check_fits): its per-chip record."""
+  from vit_cls import aot  # pylint: disable=g-import-not-at-top
+  config = target_config(model_name, resolution, remat, fsdp, per_chip_batch, target.num_chips)
+  return record_from_report(aot.check_fits(config, target), model_name, per_chip_batch)
+
+
+def record_from_report(r: dict, model_name: str, per_chip_batch: int) -> dict:
+  """A table record from vit_cls.aot's report (check_fits, or `python -m vit_cls.aot --json`)."""
+  t = r["train"]
+  return {"model": model_name, "resolution": r["image_size"], "remat": r["remat_policy"],
+          "fsdp": r["fsdp"], "devices": r["chips"], "per_device_batch": per_chip_batch,
+          "global_batch": r["batch_size"], "target": r["target"], "chip_kind": r["chip_kind"],
+          "platform": r["platform"], "params": r["params"],
+          "state_bytes_per_device": r["state_bytes_per_chip"],
+          "compiled": t.get("compiled", True), "error": t.get("error"),
+          "argument_bytes": t["argument_bytes"], "output_bytes": t["output_bytes"],
+          "alias_bytes": t["alias_bytes"], "temp_bytes": t["temp_bytes"], "peak_bytes": t["per_chip_bytes"],
+          "chip_memory_bytes": r["chip_memory_bytes"], "usable_fraction": r["usable_fraction"],
+          "fits": r["fits"], "flops_per_chip": t["flops_per_chip"],
+          "flops_source": t.get("flops_source"),
+          "analytic_flops_per_chip": t["analytic_flops_per_chip"], "flops_ratio": t["flops_ratio"],
+          "attention_share_of_analytic": round(attention_share(model_name, r["image_size"]), 4),
+          "attention_kernel": (t.get("attention") or {}).get("kernel"),
+          "compile_s": t["compile_seconds"]}
+
+
+def _compiler_label(platform: str, target_name: str) -> str:
+  return f"{target_name.split(':')[0]} compiler" if platform == "tpu" else "GPU compiler"
+
+
+def run_targets(args) -> None:
+  """--target: every cell compiled for a real TPU or GPU target, saved after each compile."""
+  sys.path.insert(0, _REPO)
+  from vit_cls import aot  # pylint: disable=g-import-not-at-top
+  targets = {False: aot.parse_target(args.target),
+             True: aot.parse_target(args.fsdp_target or args.target)}
+  for t in targets.values():
+    aot.check_installed(t)
+  aot.prepare_environment(targets[False])
+  import jax  # pylint: disable=g-import-not-at-top
+  meta = {"args": vars(args), "backend": targets[False].platform, "jax": jax.__version__,
+          "note": "memory and FLOPs from the target's compiler (a compile, not a measured speed)"}
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    meta["libtpu"] = metadata.version("libtpu") if targets[False].platform == "tpu" else None
+    meta["jaxlib"] = metadata.version("jaxlib")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  truthy = ("1", "true", "yes")
+  if args.cells:
+    cells = []
+    for c in args.cells.split(";"):
+      *model, res, batch, remat, fsdp = c.strip().split("/")
+      cells.append(("/".join(model), int(res), int(batch), remat, fsdp.lower() in truthy))
+  else:
+    cells = [(m, int(res), int(b), remat, f.strip().lower() in truthy)
+             for m in args.models.split(",") for res in args.resolutions.split(",")
+             for b in args.batches.split(",") for remat in args.remat.split(",")
+             for f in args.fsdp.split(",")]
+  records = []
+  if args.json and os.path.exists(args.json):  # resume: keep what an earlier run measured
+    with open(args.json) as f:
+      records = json.load(f)["records"]
+  done = {(r["model"], r["resolution"], r["per_device_batch"], r["remat"], r["fsdp"], r["target"])
+          for r in records}
+  for model_name, res, batch, remat, fsdp in cells:
+    target = targets[fsdp]
+    patch = int(model_name.split("/")[1])
+    if (model_name, res // patch * patch, batch, remat, fsdp, target.name) in done:
+      continue
+    t0 = time.perf_counter()
+    r = measure_target(model_name, res, remat, fsdp, batch, target)
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    records.append(r)
+    print(f"# {target.name} {model_name} {r['resolution']} batch/chip {batch} remat={remat} fsdp={fsdp}: "
+          f"{r['peak_bytes'] / 2**30:.2f} GiB{'' if r['compiled'] else ' (refused: too large)'}, "
+          f"FLOPs x{r['flops_ratio'] or 0:.3f} of analytic (compile {r['compile_s']} s, "
+          f"wall {r['wall_s']} s)", file=sys.stderr, flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({**meta, "records": records}, f, indent=1)
+  print(target_table(records))
+
+
+# Chips each column is checked against (GiB of HBM per chip), by the platform whose compiler made it.
+TPU_CHIPS = (("v5e", 16), ("v4", 32), ("v6e", 32), ("v5p", 95))
+GPU_CHIPS = (("H100", 80), ("H200", 141))
+
+
+def _fits_on(r: dict) -> str:
+  """The chips of the record's platform whose memory (times the compiler's usable fraction) holds it.
+  TPU records of one generation's compiler are checked against every TPU's memory."""
+  chips = TPU_CHIPS if r.get("platform") == "tpu" else GPU_CHIPS
+  usable = r.get("usable_fraction", 0.9)
+  ok = [name for name, gib in chips if r["peak_bytes"] <= gib * 2**30 * usable]
+  return ", ".join(ok) if ok else "none"
+
+
+def target_table(records: list[dict]) -> str:
+  """Rows: model x resolution x per-chip batch. Columns: target x fsdp x remat. Cells: GiB per chip, the
+  chips that hold it, and the compiled FLOPs over the analytic ones."""
+  cells, columns, rows = {}, set(), set()
+  for r in records:
+    col = (r.get("platform") != "tpu", r["target"].split(":")[0], r["fsdp"], r["remat"], r["target"])
+    row = (r["model"], r["resolution"], r["per_device_batch"])
+    cells[row, col] = r
+    columns.add(col)
+    rows.add(row)
+  columns = sorted(columns)
+  order = {m: i for i, m in enumerate(("Ti/16", "S/16", "B/32", "B/16", "L/32", "L/16", "H/14"))}
+  rows = sorted(rows, key=lambda r: (order.get(r[0], 99), r[0], r[1], r[2]))
+  head = ["model", "res", "batch/chip"] + [
+      f"{'fsdp/' + str(cells_target.split(':')[1]) if fsdp else 'replicated'}"
+      f"{' + remat ' + remat if remat != 'none' else ''} ({cells_target})"
+      for _, _, fsdp, remat, cells_target in columns]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    out = [row[0], str(row[1]), str(row[2])]
+    for col in columns:
+      r = cells.get((row, col))
+      if r is None:
+        out.append("not measured")
+      elif not r.get("compiled", True):
+        out.append(f"refused: needs {r['peak_bytes'] / 2**30:.1f} ({_fits_on(r)})")
+      else:
+        out.append(f"{r['peak_bytes'] / 2**30:.1f} ({_fits_on(r)}) x{r['flops_ratio']:.2f}")
+    lines.append("| " + " | ".join(out) + " |")
+  return "\n".join(lines)
+
+
 def smallest_fit(peak_bytes: float, usable: float) -> str:
   for name, gib in ACCELERATORS.items():
     if peak_bytes <= gib * 2**30 * usable:
@@ -207,7 +396,17 @@ def main():
         data = json.load(f)
       records += [dict(r, backend=r.get("backend", data["backend"])) for r in data["records"]]
       meta.append(data)
-    print(note(meta, args.usable) + "\n\n" + table(records, args.usable))
+    targeted = [r for r in records if "target" in r]
+    if targeted:  # --target runs: their own table (per chip, checked against each chip's memory)
+      print(target_table(targeted))
+    rest = [r for r in records if "target" not in r]
+    if rest:
+      print(note([m for m in meta if not any("target" in r for r in m["records"])], args.usable)
+            + "\n\n" + table(rest, args.usable))
+    return
+  if args.target:
+    _setup_jax_imports_only()
+    run_targets(args)
     return
   _setup_jax(args)
   import jax  # pylint: disable=g-import-not-at-top

@@ -167,6 +167,8 @@ def target_devices(target: Target) -> list:
         kwargs = {}
         if target.chip.name in _TPU_CHIP_CONFIG:
           kwargs["chip_config_name"] = _TPU_CHIP_CONFIG[target.chip.name]
+        if target.num_chips == 1:  # one chip (v5e:1x1, v6e:1x1): smaller than libtpu's default host
+          kwargs["chips_per_host_bounds"] = [1, 1, 1]  # bounds (2x2x1), which it would refuse
         desc = topologies.get_topology_desc(target.topology, platform="tpu", **kwargs)
       else:
         desc = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
