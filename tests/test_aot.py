@@ -189,6 +189,14 @@ def test_state_bytes_follow_the_parameter_count(v5e_report, monkeypatch):
 
 
 @needs_libtpu
+def test_one_chip_tpu_topology_compiles():
+  # v5e:1x1 is smaller than libtpu's default host bounds (2x2x1); aot passes one chip's bounds.
+  r = aot.check_fits(tiny_config(), "v5e:1x1", num_classes=8)
+  assert (r["chips"], r["devices"], r["fits"]) == (1, 1, True)
+  assert "all-reduce" not in r["train"]["collectives"]
+
+
+@needs_libtpu
 def test_remat_lowers_the_temporaries():
   # 65 tokens (32 px, 4x4 patches), 32 images per chip: activations, not the state, fill the step.
   config = tiny_config()
