@@ -69,6 +69,9 @@ def _parse():
   p.add_argument("--platform", default="cpu", help="cpu (simulated devices), gpu or tpu (real ones)")
   p.add_argument("--json", default=None, help="also write the raw numbers here (after every compile)")
   p.add_argument("--from_json", default=None, help="comma-separated JSON files: print their table")
+  p.add_argument("--grid", action="store_true",
+                 help="with --from_json: a row for every --models x --resolutions x --batches cell "
+                      "(resolutions rounded up to a multiple of the patch: H/14 384 -> 392)")
   p.add_argument("--target", default=None,
                  help="compile for this TPU slice or GPU node (vit_cls.aot names: v5e:1x1, v5e:2x2, "
                       "h100:1, h100:4, ...) with its own compiler instead of --platform's devices")
@@ -310,12 +313,13 @@ def _fits_on(r: dict) -> str:
   return ", ".join(ok) if ok else "none"
 
 
-def target_table(records: list[dict]) -> str:
-  """Rows: model x resolution x per-chip batch. Columns: target x fsdp x remat. Cells: GiB per chip, the
-  chips that hold it, and the compiled FLOPs over the analytic ones."""
-  cells, columns, rows = {}, set(), set()
+def target_table(records: list[dict], grid=()) -> str:
+  """Rows: model x resolution x per-chip batch (those of `grid` too, measured or not). Columns: target x
+  fsdp x remat. Cells: GiB per chip, the chips that hold it, and the compiled FLOPs over the analytic."""
+  cells, columns, rows = {}, set(), set(grid)
   for r in records:
-    col = (r.get("platform") != "tpu", r["target"].split(":")[0], r["fsdp"], r["remat"], r["target"])
+    col = (r.get("platform") != "tpu", r["target"].split(":")[0], r["fsdp"], r["remat"] != "none",
+           r["remat"], r["target"])
     row = (r["model"], r["resolution"], r["per_device_batch"])
     cells[row, col] = r
     columns.add(col)
@@ -326,7 +330,7 @@ def target_table(records: list[dict]) -> str:
   head = ["model", "res", "batch/chip"] + [
       f"{'fsdp/' + str(cells_target.split(':')[1]) if fsdp else 'replicated'}"
       f"{' + remat ' + remat if remat != 'none' else ''} ({cells_target})"
-      for _, _, fsdp, remat, cells_target in columns]
+      for _, _, fsdp, _, remat, cells_target in columns]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     out = [row[0], str(row[1]), str(row[2])]
@@ -398,7 +402,13 @@ def main():
       meta.append(data)
     targeted = [r for r in records if "target" in r]
     if targeted:  # --target runs: their own table (per chip, checked against each chip's memory)
-      print(target_table(targeted))
+      grid = []
+      if args.grid:  # every row of --models x --resolutions x --batches, "not measured" where so
+        for m in args.models.split(","):
+          patch = int(m.split("/")[1])
+          grid += [(m, -(-int(res) // patch) * patch, int(b)) for res in args.resolutions.split(",")
+                   for b in args.batches.split(",")]
+      print(target_table(targeted, grid))
     rest = [r for r in records if "target" not in r]
     if rest:
       print(note([m for m in meta if not any("target" in r for r in m["records"])], args.usable)
