@@ -299,17 +299,21 @@ def run_targets(args) -> None:
   print(target_table(records))
 
 
-# Chips each column is checked against (GiB of HBM per chip), by the platform whose compiler made it.
-TPU_CHIPS = (("v5e", 16), ("v4", 32), ("v6e", 32), ("v5p", 95))
-GPU_CHIPS = (("H100", 80), ("H200", 141))
+# Chips each column is checked against, by the platform whose compiler made it (vit_cls/chips.py's
+# memory: 16, 32, 32, 95 GiB; H100 79.1 GiB (80 GB), H200 139.8 GiB (141 GB)).
+TPU_CHIPS = (("v5e", "v5e"), ("v4", "v4"), ("v6e", "v6e"), ("v5p", "v5p"))
+GPU_CHIPS = (("H100", "h100"), ("H200", "h200"))
 
 
 def _fits_on(r: dict) -> str:
   """The chips of the record's platform whose memory (times the compiler's usable fraction) holds it.
   TPU records of one generation's compiler are checked against every TPU's memory."""
+  sys.path.insert(0, _REPO)
+  from vit_cls import chips as chips_lib  # pylint: disable=g-import-not-at-top
   chips = TPU_CHIPS if r.get("platform") == "tpu" else GPU_CHIPS
   usable = r.get("usable_fraction", 0.9)
-  ok = [name for name, gib in chips if r["peak_bytes"] <= gib * 2**30 * usable]
+  ok = [label for label, name in chips
+        if r["peak_bytes"] <= chips_lib.chip(name).memory_bytes * usable]
   return ", ".join(ok) if ok else "none"
 
 
