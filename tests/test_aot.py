@@ -139,6 +139,39 @@ def test_padded_attention_equals_the_unpadded_function(tokens, causal):
     np.testing.assert_allclose(g_pad, g_plain, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_kernel_names_splash_from_hlo_text():
+  splash = ('  %splash_mha_fwd_residuals.1 = (f32[128,128]{1,0}) custom-call(%a), '
+            'custom_call_target="tpu_custom_call"')
+  other = '  %my_kernel.3 = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call"'
+  assert aot.attention_kernel(splash)["kernel"] == "splash"
+  assert aot.attention_kernel(other) == {"kernel": "pallas", "cudnn_forward_calls": 0,
+                                         "cudnn_backward_calls": 0, "pallas_calls": 1, "splash_calls": 0}
+  assert aot.attention_kernel("  %dot.1 = f32[8]{0} dot(%a, %b)")["kernel"] == "xla"
+
+
+@needs_libtpu
+def test_fused_attention_compiles_as_sharded_splash_for_v5e():
+  """At >= SPLASH_MIN_TOKENS tokens, `fused` traced for TPU with the mesh (as build_steps traces) is
+  splash in a shard_map over the batch, and libtpu compiles it over 4 chips: forward, dq and dkv
+  kernels. Without the shard_map the compile stops at "Mosaic kernels cannot be automatically
+  partitioned"."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  target = aot.parse_target("v5e:2x2")
+  aot.prepare_environment(target)
+  mesh = Mesh(np.asarray(aot.target_devices(target)), (sharding.DATA_AXIS,))
+  sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
+  x = jax.ShapeDtypeStruct((4, 577, 1, 64), jnp.float32, sharding=sh)
+
+  def grads(q, k, v):
+    loss = lambda q, k, v: speed.attention(q, k, v, impl="fused")[0].sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  with speed.compiling_for("tpu"):
+    lowered = jax.jit(sharding.on_mesh(grads, mesh), in_shardings=sh).lower(x, x, x)
+  got = aot.attention_kernel(lowered.compile().as_text())
+  assert got["kernel"] == "splash" and got["splash_calls"] == 3
+
+
 def test_attention_path_follows_the_compile_target():
   assert not speed.tokens_first("fused", jnp.bfloat16)  # this process is a CPU one
   with speed.compiling_for("cuda"):

@@ -22,8 +22,8 @@ reserve) and FLOPs (XLA's cost analysis of the compiled program, per device). It
 roofline below is an upper bound from the vendors' peak figures (vit_cls/chips.py), not a measurement.
 
 The JSON (`--json`) holds at least: target, chips, chip_kind, per_chip_bytes (the train step's total),
-chip_memory_bytes, fits, flops_per_chip (compiled), analytic_flops_per_chip, compile_seconds, and for GPU
-targets attention_kernel. Launchers rely on that contract (`scripts/launch_tpu.py` and
+chip_memory_bytes, fits, flops_per_chip (compiled), analytic_flops_per_chip, compile_seconds, and
+attention_kernel (`cudnn`, `splash`, `pallas` or `xla`). Launchers rely on that contract (`scripts/launch_tpu.py` and
 `scripts/launch_gpu.py` read `fits`); `check_fits(config, target)` returns the same dict in-process.
 """
 
@@ -264,18 +264,23 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
 
 def attention_kernel(hlo_text: str) -> dict:
   """Which attention the compiled program runs: cuDNN's fused kernels (custom calls named
-  `__cudnn$fmha...`, forward and backward counted apart), Pallas kernels on TPU, or XLA's own."""
+  `__cudnn$fmha...`, forward and backward counted apart), Pallas kernels on TPU (`splash` when they are
+  jax's splash attention kernels, named `splash_mha_{fwd,dq,dkv}...` in the program; `pallas` for any
+  other), or XLA's own."""
   calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo_text)
   backward = sum("Backward" in c for c in calls)
-  pallas = len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
+  pallas_lines = [line for line in hlo_text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  splash = sum("splash_" in line for line in pallas_lines)
   if calls:
     kernel = "cudnn"
-  elif pallas:
+  elif splash:
+    kernel = "splash"
+  elif pallas_lines:
     kernel = "pallas"
   else:
     kernel = "xla"
   return {"kernel": kernel, "cudnn_forward_calls": len(calls) - backward,
-          "cudnn_backward_calls": backward, "pallas_calls": pallas}
+          "cudnn_backward_calls": backward, "pallas_calls": len(pallas_lines), "splash_calls": splash}
 
 
 def _cost(compiled, lowered, num_devices: int) -> tuple[dict, str]:
@@ -490,7 +495,7 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
              forward * eval_batch, eval_batch)
   if "infer" in programs:
     batch_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
-    serve = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False),
+    serve = jax.jit(sharding.on_mesh(lambda p, x: model.apply({"params": p}, x, train=False), mesh),
                     in_shardings=(jax.tree.map(lambda x: x.sharding, abstract.params), batch_sh),
                     out_shardings=batch_sh)
     images = jax.ShapeDtypeStruct((inference_batch, config.image_size, config.image_size, 3),
@@ -510,8 +515,7 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
       "compile_seconds": round(sum(report[p]["compile_seconds"] for p in ("train", "eval", "infer")
                                    if p in report), 2),
   })
-  if target.platform == "cuda":
-    report["attention_kernel"] = first["attention"]["kernel"]
+  report["attention_kernel"] = first["attention"]["kernel"]
   return report
 
 
@@ -567,7 +571,8 @@ def format_report(r: dict) -> str:
          "    roofline: none (this compiler gave no cost analysis)"),
         f"    attention: {p['attention']['kernel']}"
         + (f" ({p['attention']['cudnn_forward_calls']} forward, {p['attention']['cudnn_backward_calls']} "
-           f"backward cuDNN calls)" if p['attention']['kernel'] == 'cudnn' else ""),
+           f"backward cuDNN calls)" if p['attention']['kernel'] == 'cudnn' else
+           f" ({p['attention']['pallas_calls']} Pallas calls)" if p['attention']['pallas_calls'] else ""),
     ]
   verdict = "FITS" if r["fits"] else "DOES NOT FIT"
   lines.append(f"{verdict}: headroom {_gib(r['headroom_bytes'])} per chip. (A compile gives memory and "

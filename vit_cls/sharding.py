@@ -140,6 +140,24 @@ def create_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
+def on_mesh(fn, mesh: Mesh):
+  """`fn` traced with `mesh` as JAX's ambient mesh: wrap the function handed to `jax.jit`.
+
+  Inside, `jax.sharding.get_abstract_mesh()` is `mesh`'s abstract mesh. That is how the model learns the
+  mesh without importing or receiving one: `speed.attention` reads it to run Pallas splash attention in
+  a shard_map over the batch on TPU (a Mosaic kernel cannot be partitioned by XLA). The context is
+  entered inside the traced function (`jax.sharding.use_abstract_mesh`, allowed under jit; `jax.set_mesh`
+  is not), so it holds whenever and wherever jit traces, lazily at the first call or at `.lower`, with no
+  context needed at the call sites. Same function; nothing else in the step reads the ambient mesh.
+  """
+  abstract = mesh.abstract_mesh
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis, the rest whole."""
   return NamedSharding(mesh, P(DATA_AXIS))

@@ -97,12 +97,10 @@ def pallas_attention(q: Array, k: Array, v: Array, *, kernel: str = "flash", cau
   and backward computation inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` (the kernels'
   backward passes are traced with the gradient, so a context around this call alone would miss them).
 
-  Not a path of `attention`: no `attention_impl` takes it yet. Compiled for one TPU chip, splash needs
-  fewer temporaries than the explicit product from 577 tokens on, more at 197 (BENCHMARKS.md, "Pallas
-  attention on TPU"); and a Mosaic kernel cannot be partitioned by XLA ("Mosaic kernels cannot be
-  automatically partitioned. Please wrap the call in a shard_map."), so in a step whose batch is
-  sharded over several chips this call has to sit inside a `shard_map` over the batch axis, which needs
-  the mesh when the model is traced.
+  `attention_impl="fused"` takes splash on TPU from `SPLASH_MIN_TOKENS` tokens on, through
+  `sharded_splash_attention` (a Mosaic kernel cannot be partitioned by XLA: "Mosaic kernels cannot be
+  automatically partitioned. Please wrap the call in a shard_map."). Called directly, this is one
+  device's computation.
   """
   b, t, h, d = q.shape
   tp = -(-t // block) * block
@@ -142,6 +140,49 @@ def pallas_attention(q: Array, k: Array, v: Array, *, kernel: str = "flash", cau
   return jnp.swapaxes(out[:, :, :t], 1, 2)
 
 
+# From this many tokens on, `fused` on TPU is splash (in a step traced with a mesh; see `_splash_mesh`).
+# Compiled attention alone, forward and backward (benchmarks/tpu_attention_compile.py, BENCHMARKS.md
+# "Pallas attention on TPU"), splash needs fewer temporaries than XLA's explicit product at every
+# measured length from 577 tokens on (v5e B/16 at 577: 481 against 548 MiB; L/14 at 1,370: 1,753
+# against 3,784 MiB) and more at 197 (98 against 0 MiB). Splash tiles the tokens in blocks of 128 and
+# masks the padding, so its cost grows in steps of 128 tokens while the explicit product's [t, t] arrays
+# grow with t^2: 512 (four blocks) is the round number just under 577 (384 px at patch 16) and far above
+# 197 (224 px), so pretraining lengths keep XLA's product and fine-tuning lengths get splash. Lengths
+# between 197 and 577 were not compiled; the threshold there is a judgement, not a measurement.
+SPLASH_MIN_TOKENS = 512
+
+
+def _splash_mesh(batch: int):
+  """The mesh to run splash over, or None (then `fused` stays XLA's product on TPU).
+
+  The mesh is JAX's ambient one (`jax.sharding.get_abstract_mesh()`), which `sharding.on_mesh` sets
+  while train.py's and vit_cls.aot's steps are traced: the model itself never sees a mesh. None when
+  there is no ambient mesh (a caller's own `jax.jit`: its inputs may be sharded over devices that
+  XLA could not partition a Mosaic kernel across, and the trace cannot tell, so XLA's attention is the
+  safe choice), when a mesh axis is already manual (inside a caller's shard_map), or when the batch
+  does not split evenly over the mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or batch % mesh.size:
+    return None
+  if any("manual" in str(t).lower() for t in getattr(mesh, "axis_types", ())):
+    return None
+  return mesh
+
+
+def sharded_splash_attention(q: Array, k: Array, v: Array, *, mesh, causal: bool = False) -> Array:
+  """`pallas_attention(kernel="splash")` inside a `jax.shard_map` that splits the batch over every
+  axis of `mesh`: each device runs the kernel on its own examples (attention never mixes examples, so
+  no collective is needed). The project's mesh is 1-D (`sharding.DATA_AXIS`), and both layouts split
+  the batch over it: plain data parallelism and fsdp (which shards parameters, not activations, over
+  the same axis; `BatchShardedModel` keeps activations split by batch), so the specs hold for both.
+  `check_vma=False`: the kernel's custom call has no replication rule to check."""
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+  fn = jax.shard_map(functools.partial(pallas_attention, kernel="splash", causal=causal), mesh=mesh,
+                     in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+  return fn(q, k, v)
+
+
 def tokens_first(impl: str, dtype) -> bool:
   """Whether `impl` computes attention through `jax.nn.dot_product_attention` ([b, t, heads, hd] arrays)."""
   return impl in ("cudnn", "xla") or (impl == "fused" and _use_cudnn(dtype))
@@ -158,6 +199,9 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, causal: bool = False,
   * `einsum`, and `fused` off a GPU: the explicit product, heads-first: both products are plain batched
     matmuls over (batch, heads), the layout XLA's CPU backend runs fast (the original's heads-last einsums
     make it transpose around every product).
+  * `fused` on TPU from `SPLASH_MIN_TOKENS` tokens on (self-attention), in a step traced with an
+    ambient mesh (`sharding.on_mesh`): jax's Pallas splash kernel in a shard_map over the batch
+    (`sharded_splash_attention`). Without a mesh, or below the threshold, the explicit product.
   * `cudnn`: cuDNN's flash-attention kernel (GPU, half precision); `fused` picks it where it applies.
   * `xla`: XLA's generic attention (`jax.nn.dot_product_attention`, heads-last).
   """
@@ -167,6 +211,12 @@ def attention(q: Array, k: Array, v: Array, *, impl: str, causal: bool = False,
 
 
 def _attention(q, k, v, *, impl, causal, probs_fn, need_probs, matmul_dtype):
+  explicit_needed = need_probs or probs_fn is not None
+  if (impl == "fused" and not explicit_needed and target_platform() == "tpu"
+      and q.shape[1] == k.shape[1] >= SPLASH_MIN_TOKENS):
+    mesh = _splash_mesh(q.shape[0])
+    if mesh is not None:
+      return sharded_splash_attention(q, k, v, mesh=mesh, causal=causal), None
   if tokens_first(impl, q.dtype) and not (need_probs or probs_fn is not None):
     kernel = "cudnn" if impl in ("cudnn", "fused") else "xla"
     # cuDNN: odd token counts (a class token) padded to even, masked; see `padded_attention`.

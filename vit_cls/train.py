@@ -679,11 +679,14 @@ def build_steps(config, model, tx, schedule, num_classes: int, mesh, abstract_st
   state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)  # replicated, or fsdp-sharded
   # fsdp: activations pinned to the batch layout, so XLA gathers weights (ZeRO-3), not activations.
   step_model = sharding.BatchShardedModel(model, mesh) if config.get("fsdp", False) else model
+  # Traced with the mesh as JAX's ambient mesh: on TPU, `attention_impl="fused"` reads it to run splash
+  # attention in a shard_map over the batch (speed.sharded_splash_attention).
   step_fn = jax.jit(
-      functools.partial(train_step, model=step_model, tx=tx, schedule=schedule, config=config,
-                        num_classes=num_classes),
+      sharding.on_mesh(functools.partial(train_step, model=step_model, tx=tx, schedule=schedule,
+                                         config=config, num_classes=num_classes), mesh),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=step_model, num_classes=num_classes),
+  eval_fn = jax.jit(sharding.on_mesh(functools.partial(eval_step, model=step_model,
+                                                       num_classes=num_classes), mesh),
                     in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
   return step_fn, eval_fn
 
