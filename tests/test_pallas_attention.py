@@ -5,8 +5,9 @@ On this CPU the kernels run in Pallas's TPU interpret mode (`force_tpu_interpret
 which traces the forward and backward kernels into plain CPU programs: slow (seconds per call), hence
 small shapes. The forward and backward passes are both traced inside the context.
 
-`attention_impl="fused"` does not take these kernels (BENCHMARKS.md, "Pallas attention on TPU"): this
-checks the padding and masking that a TPU default would rest on.
+`attention_impl="fused"` takes splash on TPU from `speed.SPLASH_MIN_TOKENS` tokens, in a shard_map over
+the batch (BENCHMARKS.md, "Pallas attention on TPU"): the last tests check that path on 4 simulated CPU
+devices against XLA's attention.
 """
 
 import jax
