@@ -23,8 +23,9 @@ roofline below is an upper bound from the vendors' peak figures (vit_cls/chips.p
 
 The JSON (`--json`) holds at least: target, chips, chip_kind, per_chip_bytes (the train step's total),
 chip_memory_bytes, fits, flops_per_chip (compiled), analytic_flops_per_chip, compile_seconds, and
-attention_kernel (`cudnn`, `splash`, `pallas` or `xla`). Launchers rely on that contract (`scripts/launch_tpu.py` and
-`scripts/launch_gpu.py` read `fits`); `check_fits(config, target)` returns the same dict in-process.
+attention_kernel (`cudnn`, `splash`, `pallas` or `xla`; None when the first program is too large to
+compile). Launchers rely on that contract (`scripts/launch_tpu.py` and `scripts/launch_gpu.py` read
+`fits`); `check_fits(config, target)` returns the same dict in-process.
 """
 
 from __future__ import annotations
@@ -515,7 +516,8 @@ def compile_for_target(config, target: Target | str, *, programs=("train", "eval
       "compile_seconds": round(sum(report[p]["compile_seconds"] for p in ("train", "eval", "infer")
                                    if p in report), 2),
   })
-  report["attention_kernel"] = first["attention"]["kernel"]
+  # None when the first program did not compile (too large: its report has no program to read).
+  report["attention_kernel"] = (first.get("attention") or {}).get("kernel")
   return report
 
 
