@@ -386,12 +386,6 @@ _SWITCH_DEFAULTS = dict(gelu_approximate=True, layernorm_epsilon=1e-6, class_tok
 SOURCE_SWITCHES = tuple(_SWITCH_DEFAULTS)
 
 
-def source_switches(meta: Mapping | None) -> dict:
-  """The SOURCE_SWITCHES a checkpoint's stored (or imported) config sets; {} when it has no config."""
-  model = (meta or {}).get("model") or {}
-  return {k: model[k] for k in SOURCE_SWITCHES if k in model}
-
-
 def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image_size=None,
                          reset_head: bool = False, class_token_position: str = "first",
                          model=None, resample_patch: bool = False):
@@ -410,13 +404,12 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
   source = ckpt_lib.open_source(path, **hints)
   src_model = (source.meta or {}).get("model") or {}
   src_image_size = (source.meta or {}).get("image_size") or src_model.get("image_size")
-  switches = source_switches(source.meta)
+  switches = {k: src_model[k] for k in SOURCE_SWITCHES if k in src_model}
   if model is not None:
     wrong = {k: v for k, v in switches.items() if getattr(model, k) != v}
     if wrong:
       raise ValueError(f"{source.path}: the checkpoint's model has {_flags(wrong, '')}, the model being "
                        f"fine-tuned does not; add {_flags(wrong, '--config.model.')}.")
-  if model is not None:
     tgt_class_row = model.class_token_posemb
   else:  # from the target's rows: one more than the patch grid is the class token's
     rows = np.shape(ckpt_lib.flatten(ckpt_lib.plain(dict(target_init_params))).get(POSEMB, ()))
@@ -430,23 +423,19 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
       class_token_position=class_token_position,
       src_class_token_posemb=switches.get("class_token_posemb", True), class_token_posemb=tgt_class_row,
       resample_patch=resample_patch)
-  _add_source_notes(report, source)
+  if source.kind in ("timm", "hf"):
+    report.notes.append(f"source: a {'timm' if source.kind == 'timm' else 'Hugging Face'} checkpoint "
+                        f"({source.meta.get('source')})")
+    report.notes += source.notes
+  changed = {k: v for k, v in switches.items() if v != _SWITCH_DEFAULTS[k]}
+  if changed:
+    report.notes.append("the source's architecture switches (the fine-tuned model must have them): "
+                        + _flags(changed, "--config.model."))
   return params, report
 
 
 def _flags(switches: Mapping, prefix: str) -> str:
   return " ".join(f"{prefix}{k}={v}" for k, v in switches.items())
-
-
-def _add_source_notes(report: ConversionReport, source) -> None:
-  if source.kind in ("timm", "hf"):
-    report.notes.append(f"source: a {'timm' if source.kind == 'timm' else 'Hugging Face'} checkpoint "
-                        f"({source.meta.get('source')})")
-    report.notes += source.notes
-  changed = {k: v for k, v in source_switches(source.meta).items() if v != _SWITCH_DEFAULTS[k]}
-  if changed:
-    report.notes.append("the source's architecture switches (the fine-tuned model must have them): "
-                        + _flags(changed, "--config.model."))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -487,12 +476,11 @@ def convert_checkpoint(checkpoint, out, *, num_classes: int, image_size, represe
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   source = ckpt_lib.open_source(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
-  src_config = dict(source.own_config)
-  src_config.pop("image_size", None)
   # The output is the published layout, which a source also holds for a layer-scan run: the target is
   # built unrolled whatever the source trained with (`vit_cls.load` restacks for scan).
-  target_config = dict(src_config, num_classes=int(num_classes),
+  target_config = dict(source.own_config, num_classes=int(num_classes),
                        representation_size=representation_size, scan_layers=False)
+  target_config.pop("image_size", None)
   if pool is not None:
     target_config["pool"] = pool
   h, w = ckpt_lib.hw(image_size)
