@@ -737,20 +737,24 @@ def compile_and_report(step_fn, abstract_state: TrainState, config, mesh, log):
   return compiled
 
 
-def initialise_from(state: TrainState, config, logger, model=None, source=None) -> TrainState:
+def _convert_init_from(source, params, config, model):
+  """`source` converted onto `params` (this model's, either layout) the way `config` fine-tunes it:
+  `check_init_from` runs it on stand-ins, `initialise_from` on the real start. Published layout out."""
+  from vit_cls import convert  # pylint: disable=g-import-not-at-top
+  return convert.init_from_checkpoint(
+      source, checkpoint.scan_to_unrolled(params), patch_size=model_kwargs(config, 1)["patch_size"],
+      image_size=config.image_size, class_token_position=config.model.class_token_position,
+      model=model, resample_patch=bool(config.get("init_patch_size")))
+
+
+def initialise_from(state: TrainState, config, logger, model, source) -> TrainState:
   """Fine-tuning start: the `config.init_from` checkpoint, converted to this model's head and resolution.
 
   `source`: the `CheckpointSource` that `check_init_from` opened and checked before anything compiled,
-  converted again here into the real start without reading it again; None opens `config.init_from`.
+  converted again here into the real start without reading it again.
   """
-  from vit_cls import convert  # pylint: disable=g-import-not-at-top
   # Conversion works in the published layout; a layer-scan model gets its blocks stacked back.
-  params, report = convert.init_from_checkpoint(
-      config.init_from if source is None else source,
-      checkpoint.scan_to_unrolled(sharding.to_host(state.params)),
-      patch_size=model_kwargs(config, 1)["patch_size"], image_size=config.image_size,
-      class_token_position=config.model.class_token_position, model=model,
-      resample_patch=bool(config.get("init_patch_size")))
+  params, report = _convert_init_from(source, sharding.to_host(state.params), config, model)
   if config.model.get("scan_layers", False):
     params = checkpoint.unrolled_to_scan(params)
   logger.info(f"Initialised from {config.init_from}:\n{report}")
@@ -765,7 +769,6 @@ def check_init_from(config, model):
   so a checkpoint of another architecture fails here with the parameter's name and both shapes. Returns
   the opened source (its params in host memory) for `initialise_from`: one read serves both.
   """
-  from vit_cls import convert  # pylint: disable=g-import-not-at-top
   path = config.init_from
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
@@ -775,11 +778,7 @@ def check_init_from(config, model):
     # gs://: the access check names config.init_from and answers in seconds.
     source = checkpoint.open_source(path, what="config.init_from",
                                      num_heads_fallback=int(model.num_heads))
-    convert.init_from_checkpoint(source, checkpoint.scan_to_unrolled(stand_ins),
-                                 patch_size=model_kwargs(config, 1)["patch_size"],
-                                 image_size=config.image_size,
-                                 class_token_position=config.model.class_token_position,
-                                 model=model, resample_patch=bool(config.get("init_patch_size")))
+    _convert_init_from(source, stand_ins, config, model)
   except checkpoint.CheckpointNotFound:
     raise errors.ConfigError(
         f"config.init_from={path!r} does not exist: pass an orbax checkpoint directory (a workdir, its "
@@ -851,7 +850,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if restored is not None:
     state = restored
     logger.info(f"Resumed from {mngr.directory}/{int(jax.device_get(state.step))}.")
-  elif config.get("init_from"):
+  elif source is not None:
     state = initialise_from(state, config, logger, model, source)
   del source  # its host copy of the params is not kept through training
   start_step = int(jax.device_get(state.step))
