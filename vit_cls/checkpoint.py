@@ -13,7 +13,8 @@ Parameters come from (the tree and the naming: docs/ARCHITECTURE.md):
 
 Which of these a path holds is decided once, by `open_source`: its `CheckpointSource` is what `load`,
 `convert`, `predict`, export and `config.init_from` take. `load(path)` is the one call for users' own Flax
-code: it returns a ready `(model, params)` pair whatever the kind of file. Nothing here imports TensorFlow; orbax is imported only when an orbax checkpoint is read.
+code: it returns a ready `(model, params)` pair whatever the kind of file. Nothing here imports
+TensorFlow; orbax is imported only when an orbax checkpoint is read.
 """
 
 from __future__ import annotations
@@ -451,9 +452,7 @@ def load_with_info(path, **overrides) -> LoadedCheckpoint:
   source = open_source(path, **overrides)
   for guess in source.assumed:  # not only convert / init_from should hear it
     warnings.warn(f"{source.path}: {guess}", stacklevel=3)
-  config = source.config
-  image_size = config.get("image_size")
-  params = source.params
+  config, image_size, params = source.config, source.image_size, source.params
   if image_size is None:
     rows = _shape(params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding", ()))
     raise ValueError(f"{source.path}: cannot tell the image size from the position embedding {rows} "
