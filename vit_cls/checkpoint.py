@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import warnings
@@ -32,7 +31,8 @@ import numpy as np
 from vit_cls import storage
 
 # The format modules hold the tree helpers and the npz format; re-exported: callers use them from here.
-from vit_cls.formats.common import Params, first_line as _first_line, flatten, plain, unflatten  # pylint: disable=g-bad-import-order
+from vit_cls.formats.common import (Params, first_line as _first_line, flatten, hw, plain,  # pylint: disable=g-bad-import-order
+                                    square_grid, unflatten)
 from vit_cls.formats.npz import (load_npz, read_npz, save_npz, to_linen_naming,  # pylint: disable=g-bad-import-order
                                  to_prelinen_naming)
 
@@ -255,12 +255,10 @@ def infer_model_config(params: Mapping) -> dict:
   num_classes = _shape(p["head"]["kernel"])[1] if "head" in p else 0
 
   rows = _shape(get("Transformer/posembed_input/pos_embedding"))[-2]
-  n = rows - (1 if has_cls else 0)
-  g = math.isqrt(max(n, 0))
-  if n > 0 and g * g == n:
+  g = square_grid(rows - (1 if has_cls else 0))
+  image_size = None
+  if g is not None:
     image_size = g * ph if ph == pw else [g * ph, g * pw]
-  else:
-    image_size = None
   return dict(
       num_classes=int(num_classes), patch_size=[int(ph), int(pw)], hidden_size=int(hidden),
       mlp_dim=int(mlp_dim), num_heads=int(qk[1]), num_layers=len(blocks), pool=pool,
@@ -291,14 +289,6 @@ def build_model(config: Mapping):
   if "patch_size" in kwargs:
     kwargs["patch_size"] = tuple(int(x) for x in kwargs["patch_size"])
   return VisionTransformer(**kwargs)
-
-
-def hw(image_size) -> tuple[int, int]:
-  """An image size as stored in configs (N, or [H, W] from JSON) -> (H, W)."""
-  if isinstance(image_size, (int, np.integer)):
-    return int(image_size), int(image_size)
-  h, w = image_size
-  return int(h), int(w)
 
 
 def abstract_params(model, image_size) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from typing import Mapping, Sequence
 
@@ -72,8 +71,8 @@ def _as_grid(grid, what: str) -> tuple[int, int]:
 
 
 def _square_grid(n: int, what: str) -> tuple[int, int]:
-  g = math.isqrt(max(n, 0))
-  if n < 1 or g * g != n:
+  g = ckpt_lib.square_grid(n)
+  if g is None:
     raise ValueError(f"{what}: {n} position-embedding rows are not a square grid; give the grid "
                      f"(or the image size) explicitly.")
   return g, g

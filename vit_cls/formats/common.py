@@ -1,8 +1,11 @@
-"""What every format module shares: nested <-> '/'-joined parameter trees, and one-line error text."""
+"""What every format module shares: nested <-> '/'-joined parameter trees, image sizes, one-line errors."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
+
+import numpy as np
 
 Params = dict  # nested {name: {name: ... np.ndarray}}
 
@@ -44,6 +47,20 @@ def plain(tree: Any) -> Any:
     if set(tree) == {"params"} and isinstance(tree["params"], dict):
       tree = tree["params"]
   return tree
+
+
+def hw(image_size) -> tuple[int, int]:
+  """An image size as stored in configs (N, or [H, W] from JSON) -> (H, W)."""
+  if isinstance(image_size, (int, np.integer)):
+    return int(image_size), int(image_size)
+  h, w = image_size
+  return int(h), int(w)
+
+
+def square_grid(n: int) -> int | None:
+  """The side of a square grid of `n` patches, None when `n` rows are not one."""
+  g = math.isqrt(max(n, 0))
+  return g if n > 0 and g * g == n else None
 
 
 def first_line(e: BaseException) -> str:

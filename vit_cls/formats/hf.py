@@ -27,6 +27,7 @@ import numpy as np
 from vit_cls.errors import CheckpointError
 from vit_cls.formats import Imported, full_config
 from vit_cls.formats import torch_layout as tl
+from vit_cls.formats.common import flatten, hw, plain, square_grid, unflatten
 
 # Per block: vit_cls scope -> (hub name, v5 name).
 _BLOCK = {
@@ -133,12 +134,12 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
   image_size = hints.get("image_size") or config.get("image_size")
   grid_rows = pos.shape[1] - 1
   if image_size:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    h, w = hw(image_size)
     if (h // ph) * (w // pw) != grid_rows:
       raise t.error(emb + "position_embeddings", f"expected 1 + {(h // ph) * (w // pw)} rows for image "
                                                  f"size {h}x{w} and patch {ph}x{pw}")
   else:
-    g = tl.square_grid(grid_rows)
+    g = square_grid(grid_rows)
     if g is None:
       raise t.error(emb + "position_embeddings", "its patch rows are not a square grid; give the image "
                                                  "size: vit_cls.load(path, image_size=(height, width))")
@@ -159,7 +160,7 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
       class_token_position="first", gelu_approximate=bool(approximate), layernorm_epsilon=float(eps),
       class_token_posemb=True, layerscale=False, pre_norm=False, fc_norm=False, dtype="float32",
       image_size=h if h == w else [h, w])
-  return Imported(params=tl.nested(flat), config=model, preprocessing=preprocessing(preprocessor),
+  return Imported(params=unflatten(flat), config=model, preprocessing=preprocessing(preprocessor),
                   label_names=_labels(config, model["num_classes"]), notes=notes + assumed, format="hf",
                   assumed=assumed)
 
@@ -195,7 +196,6 @@ def preprocessing(pp: dict | None) -> dict:
 def from_vit_cls(params, config, preprocessing_cfg: dict | None = None,
                  label_names: list | None = None):
   """vit_cls params + model config -> (state dict, config.json, preprocessor_config.json), hub naming."""
-  from vit_cls.formats.common import flatten, plain  # pylint: disable=g-import-not-at-top
   cfg = full_config(config)
   _check_exportable(cfg)
   p = {k: np.asarray(v, np.float32) for k, v in flatten(plain(dict(params))).items()}
@@ -226,7 +226,7 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None,
   else:
     out["pooler.dense.weight"] = tl.linear_out(p["pre_logits/kernel"])
     out["pooler.dense.bias"] = p["pre_logits/bias"]
-  h, w = (cfg["image_size"],) * 2 if isinstance(cfg["image_size"], int) else tuple(cfg["image_size"])
+  h, w = hw(cfg["image_size"])
   ph, pw = cfg["patch_size"]
   labels = list(label_names or [f"LABEL_{i}" for i in range(max(cfg["num_classes"], 2))])
   hf_config = {

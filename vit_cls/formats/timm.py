@@ -40,6 +40,7 @@ import numpy as np
 from vit_cls.errors import CheckpointError
 from vit_cls.formats import Imported, full_config
 from vit_cls.formats import torch_layout as tl
+from vit_cls.formats.common import flatten, hw, plain, square_grid, unflatten
 
 # The table of timm's ViT architectures, by name: scripts/make_timm_arch_table.py writes it from timm.
 ARCHITECTURES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_architectures.json")
@@ -210,7 +211,7 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
   labels = list(labels.values()) if isinstance(labels, dict) else labels
   if labels is not None and len(labels) != model["num_classes"]:
     labels = None
-  return Imported(params=tl.nested(flat), config=model, preprocessing=preprocessing(arch, pcfg, model),
+  return Imported(params=unflatten(flat), config=model, preprocessing=preprocessing(arch, pcfg, model),
                   label_names=labels, notes=notes + assumed, format="timm", assumed=assumed)
 
 
@@ -219,7 +220,7 @@ def _split_posemb(t, d, patch, has_cls, regs, image_size, notes):
   pe = t.take("pos_embed", (1, None, d))
   rows, prefix = pe.shape[1], int(has_cls) + regs
   if image_size:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    h, w = hw(image_size)
     grid = (h // patch[0]) * (w // patch[1])
     if rows not in (grid, grid + prefix) or grid == 0:
       raise t.error("pos_embed", f"expected {grid} patch rows (image {h}x{w}, patch "
@@ -227,9 +228,9 @@ def _split_posemb(t, d, patch, has_cls, regs, image_size, notes):
                                                               f"token and register rows" if prefix else ""))
     with_prefix = rows != grid
   else:
-    g = tl.square_grid(rows - prefix) if prefix else None
-    with_prefix = g is not None and tl.square_grid(rows) is None
-    g = g if with_prefix else tl.square_grid(rows)
+    g = square_grid(rows - prefix) if prefix else None
+    with_prefix = g is not None and square_grid(rows) is None
+    g = g if with_prefix else square_grid(rows)
     if g is None:
       raise t.error("pos_embed", "its rows are not a square patch grid; give the image size: "
                                  "vit_cls.load(path, image_size=(height, width))")
@@ -318,7 +319,6 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None):
 
   Raises a one-line CheckpointError for an architecture timm's VisionTransformer cannot express.
   """
-  from vit_cls.formats.common import flatten, plain  # pylint: disable=g-import-not-at-top
   cfg = full_config(config)
   p = {k: np.asarray(v, np.float32) for k, v in flatten(plain(dict(params))).items()}
   _check_exportable(cfg)
@@ -377,7 +377,7 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None):
   if cfg["num_classes"]:
     _dense_out(p, out, "head", "head")
 
-  h, w = _hw(cfg["image_size"])
+  h, w = hw(cfg["image_size"])
   pool = {"cls": "token", "gap": "avg", "map": "map"}[cfg["pool"]]
   model_args = dict(
       img_size=[h, w], patch_size=list(cfg["patch_size"]), embed_dim=d, depth=cfg["num_layers"],
@@ -423,12 +423,6 @@ def _check_exportable(cfg: dict) -> None:
     refuse(f"mlp_dim={m} is not int(hidden_size * mlp_ratio) for any float mlp_ratio")
   if cfg["image_size"] is None:
     raise CheckpointError("cannot export to timm without the image size: pass image_size.")
-
-
-def _hw(image_size):
-  if isinstance(image_size, (int, np.integer)):
-    return int(image_size), int(image_size)
-  return int(image_size[0]), int(image_size[1])
 
 
 def _norm_out(p, out, src, dst):

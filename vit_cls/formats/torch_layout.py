@@ -13,7 +13,6 @@ with `finish()`: a tensor that nothing took is a part of another architecture, a
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
@@ -64,18 +63,6 @@ def patch_out(kernel: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))
 
 
-def nested(flat: Mapping[str, np.ndarray]) -> dict:
-  """{'a/b': x} -> {'a': {'b': x}} (paths built here are well-formed)."""
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 class Tensors:
   """A state dict being mapped: `take` hands out tensors (float32, shape-checked), `finish` finds leftovers.
 
@@ -120,8 +107,3 @@ class Tensors:
 
 def _fmt(shape) -> str:
   return "(" + ", ".join("*" if d is None else str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
-
-
-def square_grid(n: int) -> int | None:
-  g = math.isqrt(max(n, 0))
-  return g if n > 0 and g * g == n else None
