@@ -85,10 +85,7 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
   if not heads and config:  # what transformers builds from a config.json without it: ViTConfig's default
     heads = 12
     notes.append("num_heads=12: config.json has no num_attention_heads (ViTConfig's default)")
-  if not heads and hints.get("num_heads_fallback"):
-    heads = hints["num_heads_fallback"]
-    notes.append(f"num_heads={heads} from the model being fine-tuned (no config.json beside it)")
-  heads = num_heads(heads, source, "no config.json beside it")
+  heads = num_heads(heads, source, "no config.json beside it", hints, notes)
   mlp = t.take(f"{layer}0.{_BLOCK['Dense_0'][v5]}.weight", (None, d)).shape[0]
   missing_bias = False
   for i in range(depth):

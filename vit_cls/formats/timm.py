@@ -71,14 +71,18 @@ def architecture(name: str) -> dict | None:
   return architectures()["architectures"].get(name) if name else None
 
 
-def num_heads(given, source: str, unknown: str) -> int:
-  """The head count given (by the caller, a config or the table), else a one-line error.
+def num_heads(given, source: str, unknown: str, hints: dict, notes: list) -> int:
+  """The head count given (by the caller, a config or the table), else `num_heads_fallback` (noted),
+  else a one-line error.
 
   Never guessed from the width: timm's heads are not always width / 64, and a wrong guess loads without
   any error and computes different outputs. `unknown` says why nothing gave it.
   """
   if given:
     return int(given)
+  if hints.get("num_heads_fallback"):
+    notes.append(f"num_heads={hints['num_heads_fallback']} from the model being fine-tuned ({unknown})")
+    return int(hints["num_heads_fallback"])
   raise CheckpointError(f"{source}: cannot tell the number of attention heads ({unknown}; the tensors do "
                         f"not show it); give it: vit_cls.load(path, num_heads=N).")
 
@@ -131,11 +135,8 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
                f"{architectures()['timm_version']}")
   else:
     unknown = "no config.json names its timm architecture"
-  heads = hints.get("num_heads") or margs.get("num_heads") or table_heads
-  if not heads and hints.get("num_heads_fallback"):
-    heads = hints["num_heads_fallback"]
-    notes.append(f"num_heads={heads} from the model being fine-tuned ({unknown})")
-  heads = num_heads(heads, source, unknown)
+  heads = num_heads(hints.get("num_heads") or margs.get("num_heads") or table_heads, source, unknown,
+                    hints, notes)
   if table_heads and heads == table_heads and entry["embed_dim"] != d:
     notes.append(f"num_heads={heads} of timm's '{arch}' ({entry['embed_dim']} wide there, {d} here: timm "
                  f"keeps an architecture's heads when only its width is changed)")
