@@ -352,3 +352,13 @@ def test_wrong_image_size_or_channels_is_refused(fmt, references, exported, save
   for what, x in bad.items():
     with pytest.raises(error, match=message):
       call(x)
+
+
+def test_serving_json_names_the_path_of_an_open_source(tmp_path):
+  """An open CheckpointSource is exported as its path would be: serving.json names the path, not the
+  object's repr."""
+  from vit_cls import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ZOO, "timm_dinov2_reg")
+  info = es.export(ckpt_lib.open_source(path), "stablehlo", str(tmp_path / "out"))
+  assert info["checkpoint"] == path
+  assert json.load(open(tmp_path / "out" / "serving.json"))["checkpoint"] == path

@@ -73,3 +73,24 @@ def test_model_without_class_token_is_a_clear_error(tmp_path, pool, capsys):
 def test_no_tensorflow_import():
   code = "import sys, vit_cls.visualize; sys.exit('tensorflow' in sys.modules)"
   assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_an_imported_checkpoint_is_shown_with_its_own_preprocessing(tmp_path, monkeypatch):
+  """The timm CLIP fixture (mean/std of CLIP, 0.95 crop): the model sees what predict feeds it, and the
+  input panel is told the mean/std to turn it back into pixels (not read as [-1, 1])."""
+  from vit_cls import predict  # pylint: disable=g-import-not-at-top
+  zoo = os.path.join(os.path.dirname(__file__), "fixtures", "zoo", "timm_clip")
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+  seen = {}
+  attention, render = visualize.class_token_attention, visualize.render
+  monkeypatch.setattr(visualize, "class_token_attention",
+                      lambda m, p, image: attention(m, p, seen.setdefault("x", image)))
+  monkeypatch.setattr(visualize, "render",
+                      lambda image, maps, out, **kw: seen.update(kw) or render(image, maps, out, **kw))
+  out = visualize.visualize(zoo, str(tmp_path / "img.png"), str(tmp_path / "att.png"))
+  loaded = ckpt_lib.load_with_info(zoo)
+  want = predict.load_image(str(tmp_path / "img.png"), loaded.image_size, loaded.preprocessing)
+  np.testing.assert_array_equal(seen["x"], want)
+  assert seen["preprocessing"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+  assert os.path.exists(out)

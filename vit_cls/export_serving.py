@@ -348,7 +348,7 @@ def export(checkpoint: str, fmt: str, out_dir: str, *, preprocess: bool = True,
   try:
     files = WRITERS[fmt](loaded, spec, tmp)
     info = spec.describe(fmt, files)
-    info["checkpoint"] = str(checkpoint)
+    info["checkpoint"] = loaded.source.path
     with open(os.path.join(tmp, "serving.json"), "w") as f:
       json.dump(info, f, indent=1)
     if os.path.exists(out_dir):

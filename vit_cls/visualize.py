@@ -16,7 +16,8 @@ attention on a few low-information patches; with registers it moves there).
 
 Only a model with a class token (`pool="cls"`, prepended or appended, with or without registers) has a
 class-token row to show; any other pooling is refused with a message saying so. The image is preprocessed
-by `vit_cls.predict.load_image`, the same function prediction uses. No TensorFlow is imported.
+by `vit_cls.predict.load_image` with the checkpoint's own preprocessing (an imported timm or Hugging Face
+model's mean/std, resize and crop), as prediction does. No TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -96,15 +97,19 @@ def _label(logits: np.ndarray, names) -> str:
   return f"predicted {names[i] if names and i < len(names) else i} ({p:.0%})"
 
 
-def render(image: np.ndarray, maps: dict, out_path: str, *, title: str = "", dpi: int = 100) -> str:
-  """Writes the panel row as a PNG of exactly (2 + heads) * 2.0 * dpi by 2.3 * dpi pixels."""
+def render(image: np.ndarray, maps: dict, out_path: str, *, title: str = "", dpi: int = 100,
+           preprocessing: dict | None = None) -> str:
+  """Writes the panel row as a PNG of exactly (2 + heads) * 2.0 * dpi by 2.3 * dpi pixels.
+
+  `preprocessing`: the mean/std the image was normalised with (None: this project's [-1, 1])."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   heads = maps["last_layer"].shape[0]
   panels = heads + 2
   fig, axes = plt.subplots(1, panels, figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=dpi)
-  shown = (np.clip(image, -1.0, 1.0) + 1.0) / 2.0  # the [-1, 1] model input back to [0, 1]
+  pp = preprocessing or {"mean": 0.5, "std": 0.5}  # the model input back to [0, 1] pixels
+  shown = np.clip(image * np.asarray(pp["std"]) + np.asarray(pp["mean"]), 0.0, 1.0)
   h, w = image.shape[:2]
   extent = (0, w, h, 0)  # the patch grid stretched over the image, pixel-aligned
   axes[0].imshow(shown, extent=extent, interpolation="nearest")
@@ -135,12 +140,12 @@ def visualize(checkpoint, image_path: str, out_path: str | None = None, *, image
   overrides = {} if image_size is None else {"image_size": image_size}
   loaded = ckpt_lib.load_with_info(checkpoint, **overrides)
   class_token_index(loaded.model, 0)  # refuse a model without a class token before any work
-  image = predict.load_image(image_path, loaded.image_size)
+  image = predict.load_image(image_path, loaded.image_size, loaded.preprocessing)
   maps = class_token_attention(loaded.model, loaded.params, image)
   if out_path is None:
     out_path = os.path.splitext(image_path)[0] + "_attention.png"
   title = f"class-token attention: {os.path.basename(image_path)}  {_label(maps['logits'], loaded.label_names)}"
-  return render(image, maps, out_path, title=title.strip(), dpi=dpi)
+  return render(image, maps, out_path, title=title.strip(), dpi=dpi, preprocessing=loaded.preprocessing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
