@@ -400,8 +400,8 @@ def _read(path: str, hints: dict, what: str) -> tuple[str, Params, dict | None]:
                                f"Face cache {formats.hub_cache_dir()}).")
     path = cached
   imported = formats.read(path, dict(hints))
-  if imported is not None:
-    return imported.format, imported.params, imported.meta(path)
+  if imported is not None:  # (params, meta)
+    return imported[1]["format"], imported[0], {**imported[1], "source": path}
   if os.path.isfile(path):
     params, record = read_npz(path)
     return "npz", params, (None if record is None else

@@ -770,10 +770,8 @@ def check_init_from(config, model):
   the opened source (its params in host memory) for `initialise_from`: one read serves both.
   """
   path = config.init_from
-  size = config.image_size
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                             train=False))["params"]
-  stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), shapes)
+  stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape),
+                           checkpoint.abstract_params(model, config.image_size))
   try:
     # gs://: the access check names config.init_from and answers in seconds.
     source = checkpoint.open_source(path, what="config.init_from",

@@ -7,9 +7,12 @@
 * `safetensors`: the file format both use, read and written with numpy alone (never torch, never pickle).
 
 `read(path)` is what `vit_cls.checkpoint.open_source` calls for anything that is not an `.npz` or
-an orbax checkpoint: it returns an `Imported` (params in vit_cls's tree, the `VisionTransformer` fields and
-image size the tensors and config imply, the preprocessing the source expects, and notes on what was
-assumed or changed), or None when `path` holds none of these formats.
+an orbax checkpoint: it returns (params in vit_cls's tree, meta) or None when `path` holds none of these
+formats. The meta has the keys of an orbax checkpoint's (`model`: the `VisionTransformer` fields and image
+size the tensors and config imply; `image_size`, `label_names`, the `preprocessing` the source expects)
+and `format` ("timm" | "hf"), `import_notes` (what was assumed or changed on the way) and `import_assumed`
+(the notes that are guesses, which `vit_cls.load` warns with: a wrong guess loads without error and
+computes something else).
 """
 
 from __future__ import annotations
@@ -28,30 +31,8 @@ OWN_PREPROCESSING = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpola
                      "crop_pct": None, "source": "vit_cls"}
 
 
-@dataclasses.dataclass
-class Imported:
-  """A foreign checkpoint in vit_cls's terms."""
-
-  params: dict  # nested numpy float32 arrays, vit_cls's tree
-  config: dict  # VisionTransformer fields, plus image_size
-  preprocessing: dict  # mean, std (of [0, 1] pixels), interpolation, crop_pct (None: resize whole)
-  label_names: list | None
-  notes: list  # what was assumed (no config to say it) or changed (exactly) on the way
-  format: str  # "timm" | "hf"
-  # The notes that are guesses (no config or table said them): `vit_cls.load` warns with each, since a
-  # wrong guess loads without error and computes something else.
-  assumed: list = dataclasses.field(default_factory=list)
-
-  def meta(self, path: str) -> dict:
-    """The `meta` of its `CheckpointSource` (the same keys as an orbax checkpoint's)."""
-    return {"model": dict(self.config), "image_size": self.config.get("image_size"),
-            "label_names": self.label_names, "preprocessing": dict(self.preprocessing),
-            "import_notes": list(self.notes), "import_assumed": list(self.assumed),
-            "format": self.format, "source": path}
-
-
-def read(path: str, hints: dict | None = None) -> Imported | None:
-  """`path` (a file or folder) as an `Imported`, or None when it is not a timm / Hugging Face checkpoint.
+def read(path: str, hints: dict | None = None) -> tuple[dict, dict] | None:
+  """`path` (a file or folder) as (params, meta), or None when it is not a timm / Hugging Face checkpoint.
 
   `hints`: VisionTransformer fields the caller knows (`num_heads`, `layernorm_epsilon`,
   `gelu_approximate`, `image_size`, ...) for a bare `.safetensors` file that has no config.json beside it,

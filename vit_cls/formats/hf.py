@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from vit_cls.errors import CheckpointError
-from vit_cls.formats import Imported, full_config
+from vit_cls.formats import full_config
 from vit_cls.formats import torch_layout as tl
 from vit_cls.formats.common import flatten, hw, plain, square_grid, unflatten
 
@@ -51,8 +51,8 @@ def is_state_dict(tensors) -> bool:
 
 
 def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, source: str,
-               hints: dict) -> Imported:
-  """A Hugging Face ViT state dict (+ config.json, preprocessor_config.json, or None) -> `Imported`."""
+               hints: dict) -> tuple[dict, dict]:
+  """A Hugging Face ViT state dict (+ config.json, preprocessor_config.json, or None) -> (params, meta)."""
   config = config or {}
   model_type = config.get("model_type", "vit")
   if model_type != "vit":
@@ -92,8 +92,7 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
     src, dst = f"{layer}{i}.", f"Transformer/encoderblock_{i}/"
     att = dst + "MultiHeadDotProductAttention_0/"
     for ln in ("LayerNorm_0", "LayerNorm_1"):
-      flat[f"{dst}{ln}/scale"] = t.take(f"{src}{_BLOCK[ln][v5]}.weight", (d,))
-      flat[f"{dst}{ln}/bias"] = t.take(f"{src}{_BLOCK[ln][v5]}.bias", (d,))
+      tl.norm_in(t, flat, src + _BLOCK[ln][v5], dst + ln, d)
     for name in ("query", "key", "value"):
       b = t.take(f"{src}{_BLOCK[name][v5]}.bias", (d,), optional=True)
       missing_bias |= b is None
@@ -102,13 +101,10 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
     flat[att + "out/kernel"] = tl.heads_out(t.take(f"{src}{_BLOCK['out'][v5]}.weight", (d, d)), heads)
     flat[att + "out/bias"] = t.take(f"{src}{_BLOCK['out'][v5]}.bias", (d,))
     for name, n_in, n_out in (("Dense_0", d, mlp), ("Dense_1", mlp, d)):
-      flat[f"{dst}MlpBlock_0/{name}/kernel"] = tl.linear_in(
-          t.take(f"{src}{_BLOCK[name][v5]}.weight", (n_out, n_in)))
-      flat[f"{dst}MlpBlock_0/{name}/bias"] = t.take(f"{src}{_BLOCK[name][v5]}.bias", (n_out,))
+      tl.dense_in(t, flat, src + _BLOCK[name][v5], f"{dst}MlpBlock_0/{name}", n_in, n_out)
   if missing_bias:
     notes.append("no q/k/v biases in the source (qkv_bias=False): zeros (exact)")
-  flat["Transformer/encoder_norm/scale"] = t.take(prefix + "layernorm.weight", (d,))
-  flat["Transformer/encoder_norm/bias"] = t.take(prefix + "layernorm.bias", (d,))
+  tl.norm_in(t, flat, prefix + "layernorm", "Transformer/encoder_norm", d)
 
   classifier = t.has("classifier.weight") or arch == "ViTForImageClassification"
   representation = None
@@ -157,9 +153,10 @@ def to_vit_cls(tensors, config: dict | None, preprocessor: dict | None, *, sourc
       class_token_position="first", gelu_approximate=bool(approximate), layernorm_epsilon=float(eps),
       class_token_posemb=True, layerscale=False, pre_norm=False, fc_norm=False, dtype="float32",
       image_size=h if h == w else [h, w])
-  return Imported(params=unflatten(flat), config=model, preprocessing=preprocessing(preprocessor),
-                  label_names=_labels(config, model["num_classes"]), notes=notes + assumed, format="hf",
-                  assumed=assumed)
+  return unflatten(flat), {"model": model, "image_size": model["image_size"], "format": "hf",
+                           "label_names": _labels(config, model["num_classes"]),
+                           "preprocessing": preprocessing(preprocessor),
+                           "import_notes": notes + assumed, "import_assumed": assumed}
 
 
 def _labels(config: dict, num_classes: int) -> list | None:
@@ -206,23 +203,16 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None,
     src, dst = f"Transformer/encoderblock_{i}/", f"{prefix}encoder.layer.{i}."
     att = src + "MultiHeadDotProductAttention_0/"
     for ln in ("LayerNorm_0", "LayerNorm_1"):
-      out[f"{dst}{_BLOCK[ln][0]}.weight"] = p[f"{src}{ln}/scale"]
-      out[f"{dst}{_BLOCK[ln][0]}.bias"] = p[f"{src}{ln}/bias"]
+      tl.norm_out(p, out, src + ln, dst + _BLOCK[ln][0])
     for name in ("query", "key", "value"):
       w, b = tl.heads_in_out(p[f"{att}{name}/kernel"], p[f"{att}{name}/bias"])
       out[f"{dst}{_BLOCK[name][0]}.weight"], out[f"{dst}{_BLOCK[name][0]}.bias"] = w, b
     out[f"{dst}{_BLOCK['out'][0]}.weight"] = tl.heads_out_out(p[att + "out/kernel"])
     out[f"{dst}{_BLOCK['out'][0]}.bias"] = p[att + "out/bias"]
     for name in ("Dense_0", "Dense_1"):
-      out[f"{dst}{_BLOCK[name][0]}.weight"] = tl.linear_out(p[f"{src}MlpBlock_0/{name}/kernel"])
-      out[f"{dst}{_BLOCK[name][0]}.bias"] = p[f"{src}MlpBlock_0/{name}/bias"]
-  out[prefix + "layernorm.weight"] = p["Transformer/encoder_norm/scale"]
-  out[prefix + "layernorm.bias"] = p["Transformer/encoder_norm/bias"]
-  if classifier:
-    out["classifier.weight"], out["classifier.bias"] = tl.linear_out(p["head/kernel"]), p["head/bias"]
-  else:
-    out["pooler.dense.weight"] = tl.linear_out(p["pre_logits/kernel"])
-    out["pooler.dense.bias"] = p["pre_logits/bias"]
+      tl.dense_out(p, out, f"{src}MlpBlock_0/{name}", dst + _BLOCK[name][0])
+  tl.norm_out(p, out, "Transformer/encoder_norm", prefix + "layernorm")
+  tl.dense_out(p, out, *(("head", "classifier") if classifier else ("pre_logits", "pooler.dense")))
   h, w = hw(cfg["image_size"])
   ph, pw = cfg["patch_size"]
   labels = list(label_names or [f"LABEL_{i}" for i in range(max(cfg["num_classes"], 2))])

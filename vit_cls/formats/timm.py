@@ -15,8 +15,9 @@ epsilon, the pooling and whether it reads the class token and registers (`pool_i
 `config.json` for `timm/<name>` has only the name, so the table is what makes those checkpoints load as
 timm builds them. An architecture the table does not know (or no config.json at all) loads only with
 `num_heads` given; its epsilon and GELU form are then assumed (1e-5 for CLIP towers, else 1e-6; exact
-GELU), noted, and warned about by `vit_cls.load` (`Imported.assumed`). Architectures whose modules vit_cls does not build (timm's Eva, relative-position ViTs,
-parallel or post-norm blocks, SwiGLU, RMSNorm, QuickGELU, ...) are refused by name with the reason.
+GELU), noted, and warned about by `vit_cls.load` (the meta's `import_assumed`). Architectures whose
+modules vit_cls does not build (timm's Eva, relative-position ViTs, parallel or post-norm blocks, SwiGLU,
+RMSNorm, QuickGELU, ...) are refused by name with the reason.
 
 Exact rewrites where vit_cls stores the same function differently: the fused `qkv` splits into query/key/
 value; q/k/v or output biases that a source lacks (`qkv_bias=False`) become zeros; register position rows
@@ -38,7 +39,7 @@ import os
 import numpy as np
 
 from vit_cls.errors import CheckpointError
-from vit_cls.formats import Imported, full_config
+from vit_cls.formats import full_config
 from vit_cls.formats import torch_layout as tl
 from vit_cls.formats.common import flatten, hw, plain, square_grid, unflatten
 
@@ -105,8 +106,8 @@ def _refuse_unbuilt(arch: str, entry: dict, act: str | None, source: str) -> Non
                           f"exact ('gelu') and tanh-approximate ('gelu_tanh') GELU.")
 
 
-def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imported:
-  """A timm ViT state dict (+ its hub config.json, or None) -> `Imported`."""
+def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> tuple[dict, dict]:
+  """A timm ViT state dict (+ its hub config.json, or None) -> (params, meta) (see `vit_cls.formats`)."""
   config = config or {}
   arch = str(config.get("architecture") or "")
   margs = config.get("model_args") or {}
@@ -160,14 +161,14 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
 
   pre_norm = t.has("norm_pre.weight")
   if pre_norm:
-    _norm(t, flat, "norm_pre", "Transformer/pre_norm", d)
+    tl.norm_in(t, flat, "norm_pre", "Transformer/pre_norm", d)
   missing_bias = []
   for i in range(depth):
     _block(t, flat, i, d, mlp, heads, layerscale, missing_bias)
   if missing_bias:
     notes.append(f"no {' / '.join(sorted(set(missing_bias)))} biases in the source: zeros (exact)")
   fc_norm = t.has("fc_norm.weight")
-  _norm(t, flat, "fc_norm" if fc_norm else "norm", "fc_norm" if fc_norm else "Transformer/encoder_norm", d)
+  tl.norm_in(t, flat, *(("fc_norm", "fc_norm") if fc_norm else ("norm", "Transformer/encoder_norm")), d)
 
   global_pool = config.get("global_pool") or margs.get("global_pool") or (entry or {}).get("global_pool")
   if global_pool is None:
@@ -212,8 +213,9 @@ def to_vit_cls(tensors, config: dict | None, *, source: str, hints: dict) -> Imp
   labels = list(labels.values()) if isinstance(labels, dict) else labels
   if labels is not None and len(labels) != model["num_classes"]:
     labels = None
-  return Imported(params=unflatten(flat), config=model, preprocessing=preprocessing(arch, pcfg, model),
-                  label_names=labels, notes=notes + assumed, format="timm", assumed=assumed)
+  return unflatten(flat), {"model": model, "image_size": image_size, "label_names": labels, "format": "timm",
+                           "preprocessing": preprocessing(arch, pcfg, model),
+                           "import_notes": notes + assumed, "import_assumed": assumed}
 
 
 def _split_posemb(t, d, patch, has_cls, regs, image_size, notes):
@@ -242,21 +244,11 @@ def _split_posemb(t, d, patch, has_cls, regs, image_size, notes):
   return (pe[:, prefix:], pe[:, :prefix], image_size) if with_prefix else (pe, None, image_size)
 
 
-def _norm(t, flat, src, dst, d):
-  flat[f"{dst}/scale"] = t.take(f"{src}.weight", (d,))
-  flat[f"{dst}/bias"] = t.take(f"{src}.bias", (d,))
-
-
-def _dense(t, flat, src, dst, n_in, n_out):
-  flat[f"{dst}/kernel"] = tl.linear_in(t.take(f"{src}.weight", (n_out, n_in)))
-  flat[f"{dst}/bias"] = t.take(f"{src}.bias", (n_out,))
-
-
 def _block(t, flat, i, d, mlp, heads, layerscale, missing_bias):
   src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
   att = dst + "MultiHeadDotProductAttention_0/"
-  _norm(t, flat, src + "norm1", dst + "LayerNorm_0", d)
-  _norm(t, flat, src + "norm2", dst + "LayerNorm_1", d)
+  tl.norm_in(t, flat, src + "norm1", dst + "LayerNorm_0", d)
+  tl.norm_in(t, flat, src + "norm2", dst + "LayerNorm_1", d)
   qkv_w = t.take(src + "attn.qkv.weight", (3 * d, d))
   qkv_b = t.take(src + "attn.qkv.bias", (3 * d,), optional=True)
   if qkv_b is None:
@@ -270,8 +262,8 @@ def _block(t, flat, i, d, mlp, heads, layerscale, missing_bias):
   if proj_b is None:
     missing_bias.append("attention output")
   flat[att + "out/bias"] = np.zeros((d,), np.float32) if proj_b is None else proj_b
-  _dense(t, flat, src + "mlp.fc1", dst + "MlpBlock_0/Dense_0", d, mlp)
-  _dense(t, flat, src + "mlp.fc2", dst + "MlpBlock_0/Dense_1", mlp, d)
+  tl.dense_in(t, flat, src + "mlp.fc1", dst + "MlpBlock_0/Dense_0", d, mlp)
+  tl.dense_in(t, flat, src + "mlp.fc2", dst + "MlpBlock_0/Dense_1", mlp, d)
   if layerscale:
     flat[dst + "LayerScale_0/scale"] = t.take(src + "ls1.gamma", (d,))
     flat[dst + "LayerScale_1/scale"] = t.take(src + "ls2.gamma", (d,))
@@ -289,9 +281,9 @@ def _map_head(t, flat, d, mlp, heads):
         kv_w[j * d:(j + 1) * d], kv_b[j * d:(j + 1) * d], heads)
   flat[dst + "out/kernel"] = tl.heads_out(t.take("attn_pool.proj.weight", (d, d)), heads)
   flat[dst + "out/bias"] = t.take("attn_pool.proj.bias", (d,))
-  _norm(t, flat, "attn_pool.norm", dst + "LayerNorm_0", d)
-  _dense(t, flat, "attn_pool.mlp.fc1", dst + "MlpBlock_0/Dense_0", d, mlp)
-  _dense(t, flat, "attn_pool.mlp.fc2", dst + "MlpBlock_0/Dense_1", mlp, d)
+  tl.norm_in(t, flat, "attn_pool.norm", dst + "LayerNorm_0", d)
+  tl.dense_in(t, flat, "attn_pool.mlp.fc1", dst + "MlpBlock_0/Dense_0", d, mlp)
+  tl.dense_in(t, flat, "attn_pool.mlp.fc2", dst + "MlpBlock_0/Dense_1", mlp, d)
 
 
 def preprocessing(arch: str, pcfg: dict, model: dict) -> dict:
@@ -344,23 +336,23 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None):
   if regs:
     out["reg_token"] = p["registers"]
   if cfg["pre_norm"]:
-    _norm_out(p, out, "Transformer/pre_norm", "norm_pre")
+    tl.norm_out(p, out, "Transformer/pre_norm", "norm_pre")
   for i in range(cfg["num_layers"]):
     src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
     att = src + "MultiHeadDotProductAttention_0/"
-    _norm_out(p, out, src + "LayerNorm_0", dst + "norm1")
-    _norm_out(p, out, src + "LayerNorm_1", dst + "norm2")
+    tl.norm_out(p, out, src + "LayerNorm_0", dst + "norm1")
+    tl.norm_out(p, out, src + "LayerNorm_1", dst + "norm2")
     qkv = [tl.heads_in_out(p[att + n + "/kernel"], p[att + n + "/bias"]) for n in ("query", "key", "value")]
     out[dst + "attn.qkv.weight"] = np.concatenate([w for w, _ in qkv], axis=0)
     out[dst + "attn.qkv.bias"] = np.concatenate([b for _, b in qkv], axis=0)
     out[dst + "attn.proj.weight"] = tl.heads_out_out(p[att + "out/kernel"])
     out[dst + "attn.proj.bias"] = p[att + "out/bias"]
-    _dense_out(p, out, src + "MlpBlock_0/Dense_0", dst + "mlp.fc1")
-    _dense_out(p, out, src + "MlpBlock_0/Dense_1", dst + "mlp.fc2")
+    tl.dense_out(p, out, src + "MlpBlock_0/Dense_0", dst + "mlp.fc1")
+    tl.dense_out(p, out, src + "MlpBlock_0/Dense_1", dst + "mlp.fc2")
     if cfg["layerscale"]:
       out[dst + "ls1.gamma"] = p[src + "LayerScale_0/scale"]
       out[dst + "ls2.gamma"] = p[src + "LayerScale_1/scale"]
-  _norm_out(p, out, "fc_norm" if cfg["fc_norm"] else "Transformer/encoder_norm",
+  tl.norm_out(p, out, "fc_norm" if cfg["fc_norm"] else "Transformer/encoder_norm",
             "fc_norm" if cfg["fc_norm"] else "norm")
   if cfg["pool"] == "map":
     src = "MAPHead_0/"
@@ -372,11 +364,11 @@ def from_vit_cls(params, config, preprocessing_cfg: dict | None = None):
     out["attn_pool.kv.bias"] = np.concatenate([b for _, b in kv], axis=0)
     out["attn_pool.proj.weight"] = tl.heads_out_out(p[src + "out/kernel"])
     out["attn_pool.proj.bias"] = p[src + "out/bias"]
-    _norm_out(p, out, src + "LayerNorm_0", "attn_pool.norm")
-    _dense_out(p, out, src + "MlpBlock_0/Dense_0", "attn_pool.mlp.fc1")
-    _dense_out(p, out, src + "MlpBlock_0/Dense_1", "attn_pool.mlp.fc2")
+    tl.norm_out(p, out, src + "LayerNorm_0", "attn_pool.norm")
+    tl.dense_out(p, out, src + "MlpBlock_0/Dense_0", "attn_pool.mlp.fc1")
+    tl.dense_out(p, out, src + "MlpBlock_0/Dense_1", "attn_pool.mlp.fc2")
   if cfg["num_classes"]:
-    _dense_out(p, out, "head", "head")
+    tl.dense_out(p, out, "head", "head")
 
   h, w = hw(cfg["image_size"])
   pool = {"cls": "token", "gap": "avg", "map": "map"}[cfg["pool"]]
@@ -424,12 +416,3 @@ def _check_exportable(cfg: dict) -> None:
     refuse(f"mlp_dim={m} is not int(hidden_size * mlp_ratio) for any float mlp_ratio")
   if cfg["image_size"] is None:
     raise CheckpointError("cannot export to timm without the image size: pass image_size.")
-
-
-def _norm_out(p, out, src, dst):
-  out[dst + ".weight"], out[dst + ".bias"] = p[src + "/scale"], p[src + "/bias"]
-
-
-def _dense_out(p, out, src, dst):
-  out[dst + ".weight"], out[dst + ".bias"] = tl.linear_out(p[src + "/kernel"]), p[src + "/bias"]
-

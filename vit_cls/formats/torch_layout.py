@@ -63,6 +63,27 @@ def patch_out(kernel: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))
 
 
+def norm_in(t: "Tensors", flat: dict, src: str, dst: str, d: int) -> None:
+  """A LayerNorm: `src.weight`, `src.bias` of `t` -> `dst/scale`, `dst/bias` in `flat`."""
+  flat[f"{dst}/scale"], flat[f"{dst}/bias"] = t.take(f"{src}.weight", (d,)), t.take(f"{src}.bias", (d,))
+
+
+def dense_in(t: "Tensors", flat: dict, src: str, dst: str, n_in: int, n_out: int) -> None:
+  """A linear layer: `src.weight` (out, in), `src.bias` of `t` -> `dst/kernel` (in, out), `dst/bias`."""
+  flat[f"{dst}/kernel"] = linear_in(t.take(f"{src}.weight", (n_out, n_in)))
+  flat[f"{dst}/bias"] = t.take(f"{src}.bias", (n_out,))
+
+
+def norm_out(p: dict, out: dict, src: str, dst: str) -> None:
+  """`norm_in` backwards, from a flat vit_cls tree `p` into a state dict `out`."""
+  out[dst + ".weight"], out[dst + ".bias"] = p[src + "/scale"], p[src + "/bias"]
+
+
+def dense_out(p: dict, out: dict, src: str, dst: str) -> None:
+  """`dense_in` backwards."""
+  out[dst + ".weight"], out[dst + ".bias"] = linear_out(p[src + "/kernel"]), p[src + "/bias"]
+
+
 class Tensors:
   """A state dict being mapped: `take` hands out tensors (float32, shape-checked), `finish` finds leftovers.
 
