@@ -180,7 +180,7 @@ def test_one_open_source_serves_every_entry_point(tiny, tmp_path, monkeypatch):
   model, params = tiny
   ck.save_npz(params, tmp_path / "m.npz")
   source = ck.open_source(tmp_path / "m.npz")
-  assert (source.kind, source.image_size, source.label_names, source.notes) == ("npz", 16, None, [])
+  assert (source.kind, source.image_size, source.label_names, source.meta) == ("npz", 16, None, None)
   assert source.preprocessing["source"] == "vit_cls" and ck.open_source(source) is source
   with pytest.raises(ck.CheckpointNotFound, match="nope.npz: no such file or directory"):
     ck.open_source(tmp_path / "nope.npz")

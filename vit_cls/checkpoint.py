@@ -350,16 +350,6 @@ class CheckpointSource:
   def label_names(self) -> list | None:
     return list(self._meta("label_names") or []) or None
 
-  @property
-  def notes(self) -> list:
-    """What an import (timm / HF) assumed or changed; `assumed`: the guesses among them, which
-    `vit_cls.load` warns with (a wrong guess loads without error and computes something else)."""
-    return list(self._meta("import_notes") or [])
-
-  @property
-  def assumed(self) -> list:
-    return list(self._meta("import_assumed") or [])
-
   def _meta(self, key: str):
     return (self.meta or {}).get(key)
 
@@ -440,7 +430,8 @@ def load_with_info(path, **overrides) -> LoadedCheckpoint:
   import jax  # pylint: disable=g-import-not-at-top
 
   source = open_source(path, **overrides)
-  for guess in source.assumed:  # not only convert / init_from should hear it
+  # An import's guesses (vit_cls.formats): a wrong one loads without error and computes something else.
+  for guess in source._meta("import_assumed") or []:  # not only convert / init_from should hear it
     warnings.warn(f"{source.path}: {guess}", stacklevel=3)
   config, image_size, params = source.config, source.image_size, source.params
   if image_size is None:

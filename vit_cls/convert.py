@@ -425,7 +425,7 @@ def init_from_checkpoint(path, target_init_params: Mapping, *, patch_size, image
   if source.kind in ("timm", "hf"):
     report.notes.append(f"source: a {'timm' if source.kind == 'timm' else 'Hugging Face'} checkpoint "
                         f"({source.meta.get('source')})")
-    report.notes += source.notes
+    report.notes += source.meta["import_notes"]
   changed = {k: v for k, v in switches.items() if v != _SWITCH_DEFAULTS[k]}
   if changed:
     report.notes.append("the source's architecture switches (the fine-tuned model must have them): "
