@@ -97,6 +97,13 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_EPOCHS = 2**40  # "Forever" for the train stream, kept well inside int64.
+# Wraps every function this module hands to tf.data (map, filter, flat_map). They are plain graph code
+# (Python `if`s on config values, tf.cond where a tensor decides), so AutoGraph, which tf.data otherwise
+# runs on each of them and on every function they call, rewrites nothing: skipping it gives the same
+# graph without re-parsing their source each time a pipeline is built. On Python 3.13 that parse is what
+# warned ~1,200 times per test module (gast building ast nodes with AutoGraph's '___pyct_anno' field:
+# "... got an unexpected keyword argument", a DeprecationWarning).
+_no_autograph = tf.autograph.experimental.do_not_convert
 
 
 class DatasetNotReadyError(errors.DataError, FileNotFoundError):
@@ -237,7 +244,8 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
     ds = part.examples.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
     # Cut the epoch to whole batches. A filter rather than take() reads the input to its end,
     # which lets TFDS's in-memory cache of small datasets complete instead of restarting.
-    ds = ds.enumerate().filter(lambda i, _: i < per_epoch).map(lambda _, ex: ex)
+    ds = ds.enumerate().filter(_no_autograph(lambda i, _: i < per_epoch))
+    ds = ds.map(_no_autograph(lambda _, ex: ex))
     e, offset = tf.cast(e, tf.int64), tf.cast(offset, tf.int64)
     ds = ds.skip(offset * local_batch)  # Encoded bytes only: cheap.
     # Position in the uninterrupted stream: the key of the example's augmentation.
@@ -246,6 +254,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
   def batches(ds: tf.data.Dataset, part: _Part) -> Iterator[dict[str, np.ndarray]]:
     fetch = part.fetch
 
+    @_no_autograph
     def prepare(position, ex):
       key = _fold(seed, process_index, position)
       return {"image": preprocess(fetch(ex["image"]), key), "label": tf.cast(ex["label"], tf.int32)}
@@ -257,6 +266,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
   if not source.reorders_files(split, process_index, process_count):
     # One pipeline for every epoch: building one (reading the split into the shuffle buffer, tracing
     # the preprocessing) took ~0.3 s, every 11 steps on the digits, most of the job's input time.
+    @_no_autograph
     def epoch(e):
       return positioned(first_part, e, tf.where(e == first_epoch, first_offset, 0))
 
@@ -327,6 +337,7 @@ def create_eval_dataset(config, *, process_index: int | None = None,
   preprocess = _eval_preprocess(config, source.channels)
   fetch = part.fetch
 
+  @_no_autograph
   def prepare(ex):
     return {"image": preprocess(fetch(ex["image"])), "label": tf.cast(ex["label"], tf.int32),
             "mask": tf.constant(True)}
@@ -348,7 +359,7 @@ def label_counts(config, split: str, *, process_index: int | None = None,
   source = _make_source(config)
   part = source.read(split, process_index, process_count, shuffle_seed=None)
   counts = np.zeros(source.info.num_classes, np.int64)
-  labels = part.examples.map(lambda ex: ex["label"]).batch(8192)
+  labels = part.examples.map(_no_autograph(lambda ex: ex["label"])).batch(8192)
   for batch in labels.as_numpy_iterator():
     counts += np.bincount(batch, minlength=source.info.num_classes)[:source.info.num_classes]
   return counts
@@ -518,7 +529,8 @@ class _TfdsSource:
     ds = self._builder.as_dataset(split=sub, shuffle_files=shuffle_seed is not None,
                                   decoders=decoders, read_config=read_config)
     image_key, label_key = self._image_key, self._label_key
-    ds = ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)})
+    ds = ds.map(_no_autograph(
+        lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)}))
     return _Part(ds, self.count(split, process_index, process_count), fetch=lambda x: x)
 
 
