@@ -26,9 +26,11 @@ not depend on the device count).
 that chip's own compiler (libtpu, or XLA's GPU compiler with the CUDA plugin), through
 `vit_cls.aot.check_fits`: the step is train.py's own (`build_steps`) for configs/pretrain_imagenet.py's
 recipe (dropout 0.1, AdamW, clipping, bfloat16) at the cell's model, resolution, remat and fsdp, with a
-global batch of batch-per-chip x chips. Replicated cells compile on --target (one chip is enough: the
-per-chip memory of replicated data parallelism does not depend on the chip count), fsdp cells on
---fsdp_target (several chips; fsdp shards the state over all of them). Each record keeps per-chip bytes,
+global batch of batch-per-chip x chips. Replicated cells compile on --target (one chip: no gradient
+collectives; on several GPUs XLA schedules the weight-gradient work late, before the combined gradient
+all-reduces, and the temporaries grow: B/16 224 x16 remat block 0.29 GiB on h100:1, 1.07 on h100:4, so
+pass the fsdp target's chip count to compare the two), fsdp cells on --fsdp_target (several chips; fsdp
+shards the state over all of them). Each record keeps per-chip bytes,
 the compiled FLOPs (XLA's cost analysis; on GPU that of the lowered program, see vit_cls/aot.py) and the
 analytic matmul FLOPs, with attention's share of the latter. A compile gives memory and FLOPs, never a
 speed. A cell the TPU compiler refuses for lack of HBM is recorded with what the refusal says it needs.

@@ -278,3 +278,14 @@ def test_gpu_compile_for_two_h100s_runs_cudnn_attention_with_a_class_token():
   # XLA's GPU compiler gives no cost analysis without a device: the lowered program's FLOPs instead.
   assert r["train"]["flops_source"] == "lowered"
   assert r["train"]["flops_ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+@needs_cuda_plugin
+def test_gpu_fsdp_step_reduces_each_gradient_on_its_own(monkeypatch):
+  """fsdp on GPUs: one reduce-scatter per sharded gradient instead of XLA's one combined op for all
+  layers, which kept every layer's rematerialised activations alive through the backward pass."""
+  monkeypatch.setattr(sharding, "FSDP_MIN_SIZE", 256)
+  config = tiny_config(dtype="bfloat16", remat_policy="block")
+  config.fsdp = True
+  r = aot.check_fits(config, "h100:2", num_classes=8)
+  assert r["train"]["collectives"]["reduce-scatter"]["count"] > config.model.num_layers

@@ -5,6 +5,7 @@ processes). The tiny test model's kernels are below `sharding.FSDP_MIN_SIZE`, so
 """
 
 import functools
+import types
 
 import jax
 import numpy as np
@@ -117,3 +118,15 @@ def test_checkpoints_move_between_fsdp_and_replicated(tiny_config, tmp_path):
   back = train.restore_checkpoint(mngr2, 0, abstract_fsdp)
   assert back.params["head"]["kernel"].sharding.spec == P("data", None)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(back))
+
+
+def test_fsdp_on_gpus_gets_one_collective_per_gradient_and_nothing_else_does():
+  """GPU fsdp steps compile with XLA's collective combining off (sharding.GPU_FSDP_STEP_OPTIONS); a CPU
+  or TPU mesh, one device, or a replicated state keep the compiler's defaults."""
+  def mesh(platform, n):
+    return types.SimpleNamespace(devices=np.asarray([types.SimpleNamespace(platform=platform)] * n))
+  assert sharding.step_compiler_options(mesh("gpu", 4), True) == sharding.GPU_FSDP_STEP_OPTIONS
+  assert sharding.step_compiler_options(mesh("gpu", 4), False) is None
+  assert sharding.step_compiler_options(mesh("gpu", 1), True) is None
+  assert sharding.step_compiler_options(mesh("tpu", 4), True) is None
+  assert sharding.step_compiler_options(mesh("cpu", 8), True) is None

@@ -236,6 +236,31 @@ class BatchShardedModel:
       return self._model.apply(variables, images, *args, **kwargs)
 
 
+# XLA's GPU compiler merges independent collectives of one kind into one (its combiner passes, up to a
+# size threshold). Under fsdp that puts the gradients of every layer into one or two reduce-scatters
+# (weights) and all-reduces (biases and LayerNorm parameters, which stay replicated): ops that can start
+# only after the last layer's backward. Its scheduler then places what feeds them, each layer's
+# weight-gradient matmuls and bias / LayerNorm reductions, right before them, so every layer's
+# rematerialised activations and their cotangents ([batch, tokens, mlp_dim] and [batch, tokens, width]
+# per layer) stay alive through the whole backward pass: remat undone, and per-device temporaries above
+# replicated data parallelism's on one GPU (docs/memory.md). Compiled with these options, each gradient
+# gets its own collective, issued as soon as its layer's backward has produced it. The same reductions
+# of the same values; only how the collectives are grouped changes.
+GPU_FSDP_STEP_OPTIONS = {
+    "xla_gpu_reduce_scatter_combine_threshold_bytes": 1,
+    "xla_gpu_all_reduce_combine_threshold_bytes": 1,
+}
+
+
+def step_compiler_options(mesh: Mesh, fsdp: bool) -> dict | None:
+  """XLA options for the train step on `mesh`: `GPU_FSDP_STEP_OPTIONS` for fsdp over several GPUs,
+  else None (the compiler's defaults)."""
+  devices = list(mesh.devices.flat)
+  if not fsdp or len(devices) <= 1 or devices[0].platform not in ("gpu", "cuda", "rocm"):
+    return None
+  return dict(GPU_FSDP_STEP_OPTIONS)
+
+
 def bytes_per_device(tree: Any) -> int:
   """Bytes one device holds of `tree` (arrays or sharded ShapeDtypeStructs): what fsdp divides."""
   total = 0

@@ -684,7 +684,9 @@ def build_steps(config, model, tx, schedule, num_classes: int, mesh, abstract_st
   step_fn = jax.jit(
       sharding.on_mesh(functools.partial(train_step, model=step_model, tx=tx, schedule=schedule,
                                          config=config, num_classes=num_classes), mesh),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,))
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=(0,),
+      # fsdp on GPUs: one collective per gradient, so remat's savings survive (sharding.py).
+      compiler_options=sharding.step_compiler_options(mesh, config.get("fsdp", False)))
   eval_fn = jax.jit(sharding.on_mesh(functools.partial(eval_step, model=step_model,
                                                        num_classes=num_classes), mesh),
                     in_shardings=(state_sh.params, batch_sh), out_shardings=repl)
