@@ -18,9 +18,9 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(_cache, "tfds"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache, "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The processes the tests start (train.py, workers) keep their temporary files there too: TensorFlow's
-# autograph writes a module per converted function and deletes it at exit, which a killed run never
-# reaches (about 150 files in /tmp per suite otherwise). This process had already fixed its own.
+# The processes the tests start (train.py, workers) keep their temporary files there too, so that what a
+# killed one leaves goes with the folder (TensorFlow's AutoGraph modules, deleted only at a normal exit,
+# were about 150 files in /tmp per suite). This process had already fixed its own temporary folder.
 os.makedirs(os.path.join(_cache, "tmp"), exist_ok=True)
 os.environ.setdefault("TMPDIR", os.path.join(_cache, "tmp"))
 atexit.register(shutil.rmtree, _cache, ignore_errors=True)
